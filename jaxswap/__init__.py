@@ -1,0 +1,1 @@
+"""jaxswap: Stochastic Weight Averaging in Parallel, and the trainer."""

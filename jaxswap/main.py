@@ -1,0 +1,49 @@
+r"""Command-line entry: parses flags and hands over to `train`.
+
+  python -m jaxswap.main --config configs/swap_fashion_mnist.py \
+      --workdir runs/fmnist --config.phase2.replicas=8
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file with get_config().',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the '
+                    'summary go; rerunning with the same one resumes.')
+flags.DEFINE_bool('overwrite', False, 'Delete a run already in --workdir.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors come before JAX starts.
+  from jaxswap import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxswap import train  # pylint: disable=g-import-not-at-top
+  from jaxswap.data import errors  # pylint: disable=g-import-not-at-top
+
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                       FLAGS.overwrite)
+  except (config_lib.ConfigError, errors.DataError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except train.Preempted as e:
+    print(f'Stopped by SIGTERM at {e}; a checkpoint is saved. Run the same '
+          'command to resume.', file=sys.stderr)
+    return 0
+  print(train.format_summary(summary))
+  return 0
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

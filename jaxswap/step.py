@@ -1,0 +1,257 @@
+"""The numerics of a run as pure functions of pytrees.
+
+Every function here acts on a stack of W replicas (a leading replica axis):
+phase 1 is W = 1, phase 2 is W refinement replicas, phase 3 averages them.
+The per-replica computation is written once and vmapped with
+`spmd_axis_name='replica'`, so that under `jax.jit` over a
+('replica', 'data') mesh the replica axis is sharded over devices and each
+replica's batch over the data axis; BatchNorm statistics over a batch that
+is sharded this way are global per replica without explicit collectives.
+"""
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxswap.data import pipeline
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class ReplicaState:
+  """Training state of one replica (or, stacked, of W replicas)."""
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  step: jax.Array           # int32, steps taken in this phase
+  key: jax.Array            # uint32[2]; data order and augmentation
+
+
+@flax.struct.dataclass
+class StepConfig:
+  """The static settings of a training step."""
+  batch_size: int = flax.struct.field(pytree_node=False)
+  crop_padding: int = flax.struct.field(pytree_node=False)
+  flip: bool = flax.struct.field(pytree_node=False)
+  label_smoothing: float = flax.struct.field(pytree_node=False)
+  dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+
+
+def make_optimizer(schedule: Callable, momentum: float, nesterov: bool,
+                   weight_decay: float) -> optax.GradientTransformation:
+  """SGD with momentum, and weight decay on kernels only (not BN or bias)."""
+  def kernels(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=kernels),
+      optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+
+
+def init_replicas(model: nn.Module, tx: optax.GradientTransformation,
+                  keys: jax.Array, sample: jax.Array) -> ReplicaState:
+  """Fresh, independently initialized replicas, one per key: (W, ...)."""
+  def one(key):
+    init_key, data_key = jax.random.split(key)
+    variables = model.init(init_key, sample, train=False)
+    params = variables['params']
+    return ReplicaState(params=params,
+                        batch_stats=variables.get('batch_stats', {}),
+                        opt_state=tx.init(params),
+                        step=jnp.zeros((), jnp.int32), key=data_key)
+  return jax.vmap(one)(keys)
+
+
+def start_phase(state: ReplicaState, tx: optax.GradientTransformation,
+                keys: jax.Array) -> ReplicaState:
+  """Copies a one-replica state into len(keys) replicas for a new phase.
+
+  Each starts from the same weights and BN statistics, with fresh optimizer
+  state, step 0 and its own data key.
+  """
+  w = keys.shape[0]
+
+  def tile(x):
+    return jnp.broadcast_to(x, (w,) + x.shape[1:])
+  params = jax.tree.map(tile, state.params)
+  return ReplicaState(params=params,
+                      batch_stats=jax.tree.map(tile, state.batch_stats),
+                      opt_state=jax.vmap(tx.init)(params),
+                      step=jnp.zeros((w,), jnp.int32), key=keys)
+
+
+def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _constrain(x, mesh, spec):
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def train_step(state: ReplicaState, data: pipeline.DeviceData,
+               perm: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: Callable,
+               cfg: StepConfig, mesh=None):
+  """One SGD step of every replica.
+
+  Args:
+    state: (W, ...) replica states.
+    data: the device-resident data set.
+    perm: (W, N) each replica's data order for the current epoch.
+    model, tx, schedule, cfg: bound statically with functools.partial.
+    mesh: when given, each replica's batch is constrained to the 'data'
+      mesh axis (the replica axis comes from vmap's spmd_axis_name).
+
+  Returns:
+    (new state, metrics dict of (W,) arrays).
+  """
+  def one(state, perm):
+    key = jax.random.fold_in(state.key, state.step)
+    images, labels = pipeline.train_batch(
+        data, perm, state.step, cfg.batch_size, key, cfg.crop_padding,
+        cfg.flip)
+    images = _constrain(images, mesh, P('data'))
+    x = pipeline.normalize(images, data.mean, data.std, cfg.dtype)
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, x,
+          train=True, mutable=['batch_stats'])
+      loss = cross_entropy(logits, labels, logits.shape[-1],
+                           cfg.label_smoothing)
+      return loss, (logits, updates.get('batch_stats', {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss,
+        'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+        'lr': schedule(state.step),
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(params),
+        'update_norm': optax.global_norm(updates),
+    }
+    new = state.replace(params=params, batch_stats=batch_stats,
+                        opt_state=opt_state, step=state.step + 1)
+    return new, metrics
+
+  return jax.vmap(one, spmd_axis_name='replica')(state, perm)
+
+
+def evaluate(params: PyTree, batch_stats: PyTree, images: jax.Array,
+             labels: jax.Array, mean: jax.Array, std: jax.Array, *,
+             model: nn.Module, batch_size: int, dtype=jnp.float32,
+             mesh=None):
+  """Correct predictions and summed loss of each replica on a split.
+
+  Args:
+    params, batch_stats: (W, ...) replica variables.
+    images: (N, H, W, C) uint8; labels (N,) int32.
+    mean, std: normalization constants.
+    model, batch_size, dtype, mesh: bound statically.
+
+  Returns:
+    (correct (W,) int32, loss_sum (W,) float32), over the N examples.
+  """
+  n = images.shape[0]
+  chunks = -(-n // batch_size)
+  pad = chunks * batch_size - n
+  images = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3)
+  labels = jnp.pad(labels, (0, pad), constant_values=-1)
+  images = images.reshape((chunks, batch_size) + images.shape[1:])
+  labels = labels.reshape(chunks, batch_size)
+
+  def one(params, batch_stats):
+    def body(totals, chunk):
+      x, y = chunk
+      x = _constrain(x, mesh, P('data'))
+      logits = model.apply({'params': params, 'batch_stats': batch_stats},
+                           pipeline.normalize(x, mean, std, dtype),
+                           train=False)
+      valid = y >= 0
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], 1)[:, 0]
+      correct = jnp.sum((jnp.argmax(logits, -1) == y) & valid)
+      loss = jnp.sum(jnp.where(valid, nll, 0.0))
+      return (totals[0] + correct, totals[1] + loss), None
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    totals, _ = jax.lax.scan(body, init, (images, labels))
+    return totals
+
+  return jax.vmap(one, spmd_axis_name='replica')(params, batch_stats)
+
+
+def average(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
+  """Weighted average over the leading replica axis, kept as size 1.
+
+  Args:
+    tree: pytree of (W, ...) arrays.
+    weights: (W,) non-negative weights; None is the uniform average.
+
+  Returns:
+    Pytree of (1, ...) arrays.
+  """
+  def mean(x):
+    if weights is None:
+      return jnp.mean(x, axis=0, keepdims=True)
+    w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    return jnp.sum(w * x, axis=0, keepdims=True) / jnp.sum(w)
+  return jax.tree.map(mean, tree)
+
+
+def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
+                          keys: jax.Array, data: pipeline.DeviceData, *,
+                          model: nn.Module, num_batches: int,
+                          cfg: StepConfig, mesh=None) -> PyTree:
+  """BatchNorm statistics as the plain average of batch statistics.
+
+  Runs `num_batches` training batches through the model in training mode
+  with BN momentum 0, so that each pass yields exactly that batch's mean
+  and variance, and averages them (SWA's `bn_update`). No gradient is
+  taken and nothing but the returned statistics changes.
+
+  Args:
+    params, batch_stats: (W, ...) replica variables; the statistics only
+      give the tree structure.
+    keys: (W, 2) data keys of the pass.
+    data: the device-resident data set.
+    model, num_batches, cfg, mesh: bound statically.
+
+  Returns:
+    (W, ...) recomputed batch_stats.
+  """
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  model0 = model.clone(bn_momentum=0.0)
+  n = data.train_images.shape[0]
+
+  def one(params, batch_stats, key):
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+
+    def body(total, i):
+      images, _ = pipeline.train_batch(
+          data, perm, i, cfg.batch_size, jax.random.fold_in(key, i),
+          cfg.crop_padding, cfg.flip)
+      images = _constrain(images, mesh, P('data'))
+      x = pipeline.normalize(images, data.mean, data.std, cfg.dtype)
+      _, updates = model0.apply(
+          {'params': params, 'batch_stats': batch_stats}, x, train=True,
+          mutable=['batch_stats'])
+      return jax.tree.map(jnp.add, total, updates['batch_stats']), None
+
+    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(num_batches))
+    return jax.tree.map(lambda t: t / num_batches, total)
+
+  return jax.vmap(one, spmd_axis_name='replica')(params, batch_stats, keys)
