@@ -313,7 +313,7 @@ def conv_couplings(child_pose: Array, weight: Array,
 
 
 def _chunked_conv_vote_sum(child_pose: Array, weight: Array,
-                           parent_pose: Array | None, stride: int,
+                           parent_pose: Array, stride: int,
                            matrix_pose: bool) -> Array:
   """sum_i r_ij v_ij of a conv layer, one kernel offset at a time.
 
@@ -378,18 +378,19 @@ def conv_routing_step(child_pose: Array, weight: Array, scale: Array,
   Returns:
     (..., H', W', M, *P) new parent poses.
   """
-  if impl == 'chunked':
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'Unknown conv capsule impl {impl!r}; choose one of '
+                     f'{CONV_IMPLS}.')
+  if impl == 'chunked' and parent_pose is not None:
     summed = _chunked_conv_vote_sum(child_pose, weight, parent_pose, stride,
                                     matrix_pose)
-  elif impl == 'reference':
-    kernel = weight.shape[0]
-    windows = conv_windows(child_pose, kernel, stride,
+  else:
+    # The uniform pass builds no votes (see _vote_sum), only the windows,
+    # 1 / M of their size; one product beats a scan there.
+    windows = conv_windows(child_pose, weight.shape[0], stride,
                            matrix_pose=matrix_pose)
     summed = _vote_sum(_flatten_windows(windows, matrix_pose),
                        _conv_to_fc_weight(weight), parent_pose, matrix_pose)
-  else:
-    raise ValueError(f'Unknown conv capsule impl {impl!r}; choose one of '
-                     f'{CONV_IMPLS}.')
   return pose_layer_norm(summed, scale, bias, matrix_pose=matrix_pose)
 
 

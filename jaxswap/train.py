@@ -476,7 +476,7 @@ def _start_phase2(run: _Run, phase2: Phase, state):
   rep = NamedSharding(phase2.mesh, P('replica'))
   start = jax.jit(functools.partial(step_lib.start_phase, tx=phase2.tx),
                   out_shardings=rep)
-  return start(first, keys)
+  return start(first, keys=keys)
 
 
 def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,

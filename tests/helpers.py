@@ -59,8 +59,9 @@ def write_idx_dataset(folder: pathlib.Path, n_train=512, n_test=128,
   rng = np.random.default_rng(seed)
   for prefix, n in (('train', n_train), ('t10k', n_test)):
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 60, (n, 28, 28))
-    for i, y in enumerate(labels):  # A bright bar whose row is the class.
-      images[i, 2 + 2 * y: 4 + 2 * y, 4:24] = 250
+    # Noise, plus a brightness and a bright square that grow with the class.
+    images = rng.integers(0, 60, (n, 28, 28)) + 15 * labels[:, None, None]
+    for i, y in enumerate(labels):
+      images[i, 8:10 + 2 * y, 8:10 + 2 * y] = 250
     write_idx(folder / f'{prefix}-images-idx3-ubyte.gz', images)
     write_idx(folder / f'{prefix}-labels-idx1-ubyte.gz', labels)

@@ -1,0 +1,199 @@
+"""The trainer end to end on a small idx data set: phases, resume, guards."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxswap import config as config_lib
+from jaxswap import train
+
+import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(data_dir: pathlib.Path):
+  c = config_lib.base_config()
+  c.data.source = 'idx'
+  c.data.name = 'mnist'
+  c.data.path = str(data_dir)
+  c.data.crop_padding = 2
+  c.data.flip = False
+  c.model.name = 'tiny_cnn'
+  c.model.width = 1.0
+  c.phase1.batch_size = 64
+  c.phase1.peak_lr = 0.2
+  c.phase1.max_epochs = 10.0
+  c.phase1.warmup_epochs = 0.5
+  c.phase1.stop_accuracy = 0.9
+  c.phase1.stop_window_steps = 4
+  c.phase2.replicas = 4
+  c.phase2.batch_size = 16
+  c.phase2.epochs = 0.5
+  c.phase2.peak_lr = 0.05
+  c.phase3.bn_batches = 4
+  c.phase3.bn_batch_size = 64
+  c.eval.batch_size = 64
+  c.train.checkpoint_every = 5
+  c.train.log_every = 5
+  c.train.progress = 'log'
+  return c
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('idx')
+  helpers.write_idx_dataset(folder)
+  return folder
+
+
+def _final_params(workdir: pathlib.Path):
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(workdir / 'checkpoints' / str(steps[-1]) / 'state')
+
+
+def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
+                                                            tmp_path):
+  summary = train.train_and_evaluate(small_config(data_dir), tmp_path / 'w')
+  w = tmp_path / 'w'
+  assert json.loads((w / 'summary.json').read_text()) == summary
+  assert (w / 'config.json').exists()
+  assert any((w / 'tensorboard').iterdir())
+  rows = [json.loads(l) for l in (w / 'metrics.jsonl').read_text().split(
+      '\n') if l]
+  assert any('phase2/replica3/loss' in r for r in rows)
+  p1, p2 = summary['phase1'], summary['phase2']
+  # The learnable data set lets phase 1 stop on accuracy, before its cap.
+  assert p1['stopped_by'].startswith('training accuracy'), p1
+  assert p1['steps'] < 10 * (512 // 64)
+  assert p2['steps'] == 512 // 16 // 2
+  assert len(p2['replica_test_accuracy']) == 4
+  # Ten classes: chance is 0.1.
+  assert summary['final']['test_accuracy'] > 0.5
+  assert summary['phase3']['averaged_replicas'] == 4
+  # Rerunning a finished run does nothing and returns the same summary.
+  again = train.train_and_evaluate(small_config(data_dir), tmp_path / 'w')
+  assert again == summary
+
+
+def test_resume_after_sigkill_in_phase2_ends_with_same_parameters(
+    data_dir, tmp_path):
+  config = small_config(data_dir)
+  config.phase1.stop_accuracy = None
+  config.phase1.max_epochs = 0.25       # 2 steps
+  config.phase2.epochs = 1.0            # 32 steps per replica
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(config, straight)
+  want = _final_params(straight)
+
+  # The same run as a process, killed once phase 2 has checkpointed.
+  killed = tmp_path / 'killed'
+  cfg_file = tmp_path / 'cfg.py'
+  cfg_file.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+      'import test_train, pathlib\n'
+      'def get_config():\n'
+      f'  c = test_train.small_config(pathlib.Path({str(data_dir)!r}))\n'
+      '  c.phase1.stop_accuracy = None\n'
+      '  c.phase1.max_epochs = 0.25\n'
+      '  c.phase2.epochs = 1.0\n'
+      '  return c\n')
+  cmd = [sys.executable, '-m', 'jaxswap.main', f'--config={cfg_file}',
+         f'--workdir={killed}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      ckpts = killed / 'checkpoints'
+      done = [int(p.name) for p in ckpts.iterdir()
+              if p.name.isdigit()] if ckpts.exists() else []
+      if any(2 < s < 2 + 32 for s in done):  # A phase-2 checkpoint.
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not (killed / 'summary.json').exists()
+
+  summary = train.train_and_evaluate(config, killed)
+  assert summary['phase2']['steps'] == 32
+  got = _final_params(killed)
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
+  config = small_config(data_dir)
+  config.phase1.max_epochs = 0.25
+  config.phase1.stop_accuracy = None
+  config.phase2.replicas = 0
+  train.train_and_evaluate(config, tmp_path / 'w')
+  config.phase1.peak_lr = 0.3
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'phase1.peak_lr: 0.2 -> 0.3.*--overwrite'):
+    train.train_and_evaluate(config, tmp_path / 'w')
+  summary = train.train_and_evaluate(config, tmp_path / 'w', overwrite=True)
+  assert 'phase2' not in summary and summary['final']['test_accuracy'] > 0
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: setattr(c.phase1, 'batch_size', 60),
+     r'phase1.batch_size=60 is not divisible by the 8 devices'),
+    (lambda c: setattr(c.phase2, 'replicas', 3),
+     r'phase2.replicas=3 does not fit 8 devices'),
+    (lambda c: setattr(c.phase2, 'replicas', 12),
+     r'phase2.replicas=12 does not fit 8 devices'),
+    (lambda c: setattr(c.phase1, 'stop_accuracy', 93.0),
+     r'stop_accuracy=93.0 .* must be in \[0, 1\]'),
+    (lambda c: setattr(c.model, 'name', 'resnet10'),
+     r"model.name='resnet10' is unknown; choose one of"),
+    (lambda c: setattr(c.data, 'source', 'csv'),
+     r"data.source='csv' is unknown"),
+    (lambda c: setattr(c.phase2, 'batch_size', -4),
+     r'phase2.batch_size=-4 must be > 0'),
+    (lambda c: setattr(c.phase1, 'batch_size', 4096),
+     r'phase1.batch_size=4096 exceeds the 512 training examples'),
+])
+def test_bad_config_stops_before_compiling(data_dir, tmp_path, edit,
+                                           message):
+  config = small_config(data_dir)
+  edit(config)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train.train_and_evaluate(config, tmp_path / 'w')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_misspelt_key_is_named_with_a_suggestion():
+  config = config_lib.base_config()
+  config.phase2.unlock()
+  config.phase2.replcas = 4
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown config key 'phase2.replcas'; did you "
+                           r"mean 'phase2.replicas'"):
+    config_lib.validate(config, 8)
+
+
+def test_command_line_misspelt_override_fails_fast(tmp_path):
+  cmd = [sys.executable, '-m', 'jaxswap.main',
+         '--config=configs/swap_fashion_mnist.py', f'--workdir={tmp_path}',
+         '--config.phase2.replcas=4']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert out.returncode != 0
+  assert 'replcas' in out.stderr
