@@ -50,12 +50,15 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    norm = lambda name: nn.BatchNorm(  # noqa: E731
-        use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=_BN_EPS, name=name)
-    conv = lambda stride, name: nn.Conv(  # noqa: E731
-        self.features, (3, 3), (stride, stride), padding=_PAD1,
-        use_bias=False, kernel_init=nn.initializers.he_normal(), name=name)
+    def norm(name):
+      return nn.BatchNorm(use_running_average=not train,
+                          momentum=self.bn_momentum, epsilon=_BN_EPS,
+                          name=name)
+
+    def conv(stride, name):
+      return nn.Conv(self.features, (3, 3), (stride, stride), padding=_PAD1,
+                     use_bias=False, kernel_init=nn.initializers.he_normal(),
+                     name=name)
 
     y = nn.relu(norm('bn1')(conv(self.stride, 'conv1')(x)))
     y = norm('bn2')(conv(1, 'conv2')(y))
@@ -112,10 +115,6 @@ def _pose_shape(pose_dim: int, matrix_pose: bool) -> tuple[int, ...]:
   return (side, side)
 
 
-def _normal_init(stddev: float) -> nn.initializers.Initializer:
-  return nn.initializers.normal(stddev)
-
-
 class PoseLayerNorm(nn.Module):
   """Layer normalization over a pose's d numbers, scale and shift (d,)."""
   pose_dim: int
@@ -161,9 +160,9 @@ class ConvCapsules(nn.Module):
     child_dim = child_pose.shape[-1]
     std = routing.capsule_init_scale(num_in, self.num_caps, self.pose_dim,
                                      self.kernel, self.matrix_pose)
-    shape = ((self.kernel, self.kernel, num_in, child_dim, pose_shape[-1],
-              self.num_caps))
-    weight = self.param('kernel', _normal_init(std), shape)
+    shape = (self.kernel, self.kernel, num_in, child_dim, pose_shape[-1],
+             self.num_caps)
+    weight = self.param('kernel', nn.initializers.normal(std), shape)
     scale = self.param('scale', nn.initializers.ones, (self.pose_dim,))
     bias = self.param('bias', nn.initializers.zeros, (self.pose_dim,))
     return routing.conv_routing_step(
@@ -191,7 +190,7 @@ class FCCapsules(nn.Module):
     num_in, child_dim = child_pose.shape[1], child_pose.shape[-1]
     std = routing.capsule_init_scale(num_in, self.num_caps, self.pose_dim,
                                      1, self.matrix_pose)
-    weight = self.param('kernel', _normal_init(std),
+    weight = self.param('kernel', nn.initializers.normal(std),
                         (num_in, self.num_caps, child_dim, pose_shape[-1]))
     scale = self.param('scale', nn.initializers.ones, (self.pose_dim,))
     bias = self.param('bias', nn.initializers.zeros, (self.pose_dim,))
@@ -240,18 +239,17 @@ class CapsNet(nn.Module):
     pose = PrimaryCapsules(self.primary_caps, self.pose_dim,
                            self.matrix_pose, name='primary_caps')(features)
 
+    specs = layer_specs(self.layers)
+    _check_num_classes(specs, self.num_classes)
     steps = []
-    for i, spec in enumerate(self.layers):
+    for i, spec in enumerate(specs):
       if spec.type == 'conv':
         steps.append(ConvCapsules(
             spec.num_caps, spec.kernel, spec.stride, self.pose_dim,
             self.matrix_pose, self.conv_impl, name=f'caps_{i}'))
-      elif spec.type == 'fc':
+      else:
         steps.append(FCCapsules(spec.num_caps, self.pose_dim,
                                 self.matrix_pose, name=f'caps_{i}'))
-      else:
-        raise ValueError(f'Capsule layer {i} has unknown type '
-                         f'{spec.type!r}; choose one of {LAYER_TYPES}.')
     class_pose = routing.route(steps, pose, self.num_routing,
                                mode=self.routing_mode)[-1]
 
@@ -293,6 +291,14 @@ def layer_specs(layers: Sequence[Any]) -> tuple[CapsuleLayerSpec, ...]:
   return tuple(specs)
 
 
+def _check_num_classes(specs: Sequence[CapsuleLayerSpec],
+                       num_classes: int) -> None:
+  if specs[-1].num_caps != num_classes:
+    raise ValueError(f'The last capsule layer has {specs[-1].num_caps} '
+                     f'capsules but the dataset has {num_classes} classes; '
+                     'set its num_caps to the number of classes.')
+
+
 def from_config(config: Any, num_classes: int, **overrides: Any) -> CapsNet:
   """Builds a CapsNet from a model ConfigDict (see `jaxcaps.configs`).
 
@@ -308,10 +314,7 @@ def from_config(config: Any, num_classes: int, **overrides: Any) -> CapsNet:
     The (unbound) module.
   """
   specs = layer_specs(_get(config, 'layers', ()))
-  if specs[-1].num_caps != num_classes:
-    raise ValueError(f'The last capsule layer has {specs[-1].num_caps} '
-                     f'capsules but the dataset has {num_classes} classes; '
-                     'set its num_caps to the number of classes.')
+  _check_num_classes(specs, num_classes)
   kwargs = {}
   for field in dataclasses.fields(CapsNet):
     if field.name in ('num_classes', 'layers', 'parent', 'name'):

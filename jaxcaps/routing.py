@@ -317,11 +317,14 @@ def _chunked_conv_vote_sum(child_pose: Array, weight: Array,
                            matrix_pose: bool) -> Array:
   """sum_i r_ij v_ij of a conv layer, one kernel offset at a time.
 
-  Any pairwise einsum over (child pose, weight, parent pose) leaves a
-  votes-sized intermediate, so we bound memory instead: a scan over the
-  k * k kernel offsets, each offset's children being a strided slice of the
-  input (no gather), with the body rematerialized so that training keeps
-  one offset's votes, 1 / k^2 of the full tensor, alive at a time.
+  Every pairwise order of the (child, weight, parent) einsum leaves a
+  votes-sized intermediate, so memory is bounded instead: a rematerialized
+  scan over the k * k offsets keeps one offset's votes (1 / k^2) alive.
+
+  Each offset's children are a strided slice of the input, not a gather.
+  On a 2-core CPU this is also faster than building all votes (0.9 s vs
+  4.1 s forward, 3.0 s vs 6.5 s with gradients, for the official first
+  conv capsule layer at batch 32 and 2 iterations).
   """
   kernel, _, num_in = weight.shape[:3]
   h_axis = _spatial_axis(child_pose, matrix_pose)
@@ -410,6 +413,11 @@ def route(layers: Sequence[LayerStep], primary_pose: Array, num_routing: int,
   layer sees its children's update one iteration late. Sequential routing
   finishes all iterations of one layer before the next layer starts. With a
   single layer the two coincide.
+
+  NOTE: under concurrent routing, iteration t of layer l (of L) reaches the
+  top only if t <= num_routing - (L - l); with the official 2 iterations
+  and 3 capsule layers, only the class layer routes by agreement (XLA drops
+  the unused updates, so they cost nothing under jit).
 
   Args:
     layers: the layer steps, bottom to top.

@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500   # steps
   c.train.keep_checkpoints = 2
   c.train.progress = 'auto'        # 'auto' | 'bar' | 'log'
+  # How a device runs its replicas: 'vmap' (one batched computation),
+  # 'unroll' (W copies in one program; faster on XLA's CPU backend), or
+  # 'auto': unroll on the CPU, vmap elsewhere.
+  c.train.replica_map = 'auto'
   return c
 
 
@@ -112,6 +116,7 @@ _CHOICES = {
     'model.capsule.pose': ('matrix', 'vector'),
     'model.capsule.routing_mode': ('concurrent', 'sequential'),
     'train.progress': ('auto', 'bar', 'log'),
+    'train.replica_map': ('auto', 'vmap', 'unroll'),
 }
 _POSITIVE = ('phase1.batch_size', 'phase1.max_epochs', 'phase1.peak_lr',
              'phase1.stop_window_steps', 'phase2.batch_size',

@@ -4,6 +4,8 @@ r"""Command-line entry: parses flags and hands over to `train`.
       --workdir runs/fmnist --config.phase2.replicas=8
 """
 
+import logging as py_logging
+import os
 import sys
 
 from absl import app
@@ -19,6 +21,22 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the '
                     'summary go; rerunning with the same one resumes.')
 flags.DEFINE_bool('overwrite', False, 'Delete a run already in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _parse_flags(argv):
+  """absl's parser, with a bad flag or config override as one line."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # A config file that failed to load raises here.
+    return argv
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+          OSError) as e:
+    text = str(e).replace('\\n', ' ').replace('\\', '').strip('\'"')
+    text = ' '.join(text.split())
+    bad = [a for a in argv[1:] if a.startswith('--config')]
+    hint = f' (in {" ".join(bad)})' if bad else ''
+    print(f'error: {text}{hint}', file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -45,5 +63,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  # Which accelerator plugins are absent is not news to the user.
+  py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
+  app.run(main, flags_parser=_parse_flags)

@@ -165,12 +165,21 @@ class _Run:
   def data_on(self, mesh) -> pipeline.DeviceData:
     return pipeline.put(self.arrays, NamedSharding(mesh, P()))
 
-  def step_config(self, batch_size: int) -> step_lib.StepConfig:
+  def unroll(self, mesh, replicas: int) -> bool:
+    """Whether to unroll the replicas on a device (see over_replicas)."""
+    mode = self.config.train.replica_map
+    if mode != 'auto':
+      return mode == 'unroll'
+    per_device = replicas > mesh.shape['replica'] or replicas == 1
+    return jax.default_backend() == 'cpu' and per_device
+
+  def step_config(self, batch_size: int, mesh, replicas: int
+                  ) -> step_lib.StepConfig:
     d = self.config.data
     return step_lib.StepConfig(
         batch_size=batch_size, crop_padding=d.crop_padding, flip=d.flip,
         label_smoothing=self.config.optimizer.label_smoothing,
-        dtype=self.dtype)
+        dtype=self.dtype, unroll=self.unroll(mesh, replicas))
 
   def evaluate(self, mesh, params, batch_stats, split: str
                ) -> np.ndarray | None:
@@ -179,10 +188,11 @@ class _Run:
     if images.shape[0] == 0:
       return None
     data = self.data_on(mesh)
+    replicas = jax.tree.leaves(params)[0].shape[0]
     fn = jax.jit(functools.partial(
         step_lib.evaluate, model=self.model,
         batch_size=self.config.eval.batch_size, dtype=self.dtype,
-        mesh=mesh))
+        mesh=mesh, unroll=self.unroll(mesh, replicas)))
     correct, _ = fn(params, batch_stats, getattr(data, f'{split}_images'),
                     getattr(data, f'{split}_labels'), data.mean, data.std)
     return np.asarray(jax.device_get(correct)) / images.shape[0]
@@ -201,7 +211,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   mesh = phase.mesh
   rep = NamedSharding(mesh, P('replica'))
   data = run.data_on(mesh)
-  cfg = run.step_config(phase.batch_size)
+  cfg = run.step_config(phase.batch_size, mesh, phase.replicas)
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, model=run.model, tx=phase.tx,
                         schedule=phase.schedule, cfg=cfg, mesh=mesh),
@@ -498,7 +508,7 @@ def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,
   recompute = jax.jit(functools.partial(
       step_lib.recompute_batch_stats, model=run.model,
       num_batches=config.phase3.bn_batches,
-      cfg=run.step_config(config.phase3.bn_batch_size), mesh=mesh),
+      cfg=run.step_config(config.phase3.bn_batch_size, mesh, 1), mesh=mesh),
                       out_shardings=rep)
   keys = jax.device_put(_replica_keys(config.seed, _PHASE3, 1), rep)
   batch_stats = recompute(params, batch_stats, keys, run.data_on(mesh))

@@ -31,6 +31,8 @@ def parse_args(argv=None):
   parser.add_argument('--conv-impls', nargs='+', default=['chunked'],
                       help="'chunked' (bounded memory) and/or 'reference'")
   parser.add_argument('--num-routing', type=int, default=2)
+  parser.add_argument('--routing-mode', default='concurrent',
+                      choices=['concurrent', 'sequential'])
   parser.add_argument('--iters', type=int, default=3,
                       help='timed calls after one warm-up call')
   parser.add_argument('--compile-only', action='store_true',
@@ -59,6 +61,7 @@ def run_setting(setting):
   config = configs.cifar10(setting['backbone'])
   model = capsnet.from_config(config, 10,
                               num_routing=setting['num_routing'],
+                              routing_mode=setting['routing_mode'],
                               conv_impl=setting['conv_impl'])
   batch = setting['batch']
   rng = jax.random.key(0)
@@ -183,13 +186,14 @@ def main():
     return
 
   settings = [dict(backbone=b, batch=n, step=s, conv_impl=c,
-                   num_routing=args.num_routing, iters=args.iters,
+                   num_routing=args.num_routing,
+                   routing_mode=args.routing_mode, iters=args.iters,
                    compile_only=args.compile_only)
               for b in args.backbones for c in args.conv_impls
               for n in args.batch_sizes for s in args.steps]
   print(f'Benchmarking {len(settings)} settings of the CIFAR-10 capsule '
-        f'network ({args.num_routing} routing iterations), one subprocess '
-        'each.', flush=True)
+        f'network ({args.num_routing} {args.routing_mode} routing '
+        'iterations), one subprocess each.', flush=True)
   results = []
   for i, setting in enumerate(settings):
     start = time.perf_counter()

@@ -327,6 +327,18 @@ def test_schedules_match_numpy_and_differ_for_two_layers(num_routing):
     assert gap > 1e-2
 
 
+def test_concurrent_two_iterations_route_only_the_top_layer():
+  # The top layer at iteration 2 sees its children's uniform-pass poses.
+  child, _, (conv, fc) = _conv_fc_stack(12)
+  child = jnp.asarray(child, jnp.float32)
+  poses = routing.route([conv, fc], child, 2, mode='concurrent')
+  uniform_conv = conv(child, None)
+  expected = fc(uniform_conv, fc(uniform_conv, None))
+  np.testing.assert_allclose(poses[-1], expected, atol=1e-6)
+  # The conv layer's own second iteration exists but feeds nothing.
+  assert np.abs(poses[1] - uniform_conv).max() > 1e-2
+
+
 @pytest.mark.parametrize('num_routing', [1, 2, 4])
 def test_schedules_agree_for_a_single_layer(num_routing):
   child, weight, scale, bias = f32(*random_fc(7, True))

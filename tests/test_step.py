@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxswap import step as step_lib
@@ -66,12 +67,14 @@ def test_eight_device_step_equals_one_device():
                          jax.tree.leaves(eight.params)[0] * 0)
 
 
-def test_vmapped_replicas_equal_separate_runs():
+@pytest.mark.parametrize('unroll', [False, True])
+def test_vmapped_replicas_equal_separate_runs(unroll):
   arrays = helpers.synthetic_arrays()
   model = TinyCNN(num_classes=4)
   schedule, tx = helpers.sgd()
   keys = helpers.replica_keys(7, 4)
-  together, _ = _run(_mesh(4, 2), keys, 6, arrays, model, tx, schedule)
+  cfg = CFG.replace(unroll=unroll)
+  together, _ = _run(_mesh(4, 2), keys, 6, arrays, model, tx, schedule, cfg)
   for r in range(4):
     alone, _ = _run(_mesh(1, 8), keys[r:r + 1], 6, arrays, model, tx,
                     schedule)
@@ -88,6 +91,10 @@ def test_eight_replicas_on_one_device_equal_one_per_device():
   schedule, tx = helpers.sgd()
   keys = helpers.replica_keys(3, 8)
   batched, _ = _run(_mesh(1, 1), keys, 4, arrays, model, tx, schedule)
+  unrolled, _ = _run(_mesh(1, 1), keys, 4, arrays, model, tx, schedule,
+                     CFG.replace(unroll=True))
+  chex.assert_trees_all_close(batched.params, unrolled.params, atol=2e-5,
+                              rtol=2e-4)
   spread, _ = _run(_mesh(8, 1), keys, 4, arrays, model, tx, schedule)
   chex.assert_trees_all_close(batched.params, spread.params, atol=2e-5,
                               rtol=2e-4)

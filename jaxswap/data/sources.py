@@ -448,7 +448,7 @@ def _decode_image(description: str, contents: bytes | str) -> np.ndarray:
     source = io.BytesIO(contents) if isinstance(contents, bytes) else contents
     with Image.open(source) as image:
       mode = 'L' if image.mode in _GRAY_MODES else 'RGB'
-      return np.asarray(image.convert(mode))
+      return np.asarray(image if image.mode == mode else image.convert(mode))
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(f'cannot decode {description} ({e}); replace or remove '
                     f'the file') from e
