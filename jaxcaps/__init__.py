@@ -1,0 +1,1 @@
+"""Capsule networks with inverted dot-product attention routing in JAX."""

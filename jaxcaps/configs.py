@@ -18,7 +18,6 @@ def _fc(num_caps: int) -> dict:
 def _base(backbone: str, pose_dim: int, layers: list[dict],
           **fields) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.name = 'capsnet'
   config.backbone = backbone
   config.backbone_width = 128
   config.primary_caps = 32
@@ -27,7 +26,7 @@ def _base(backbone: str, pose_dim: int, layers: list[dict],
   config.num_routing = 2  # The official README's setting.
   config.routing_mode = 'concurrent'
   config.conv_impl = 'chunked'
-  config.layers = [ml_collections.ConfigDict(layer) for layer in layers]
+  config.layers = tuple(dict(layer) for layer in layers)
   config.update(fields)
   return config
 

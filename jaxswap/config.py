@@ -13,6 +13,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jaxcaps import configs as capsule_configs
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names it and the fix."""
@@ -42,15 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 0.25
   c.model.bn_momentum = 0.9
   c.model.dtype = 'float32'
-  # Capsule network layout, used when name == 'capsnet' (see jaxcaps).
-  c.model.capsule = ml_collections.ConfigDict()
-  c.model.capsule.backbone = 'resnet'
-  c.model.capsule.pose = 'matrix'  # 'matrix' | 'vector'
-  c.model.capsule.pose_dim = 16
-  c.model.capsule.num_primary = 32
-  c.model.capsule.layers = ()      # e.g. ('conv:32:3:2', 'fc:10')
-  c.model.capsule.num_routing = 2
-  c.model.capsule.routing_mode = 'concurrent'
+  # Capsule network layout, used when name == 'capsnet': the official
+  # CIFAR-10 model by default; see jaxcaps.configs for the others.
+  c.model.capsule = capsule_configs.cifar10('resnet')
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.momentum = 0.9
@@ -113,8 +109,8 @@ _CHOICES = {
     'model.name': ('resnet9', 'tiny_cnn', 'capsnet'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.capsule.backbone': ('resnet', 'simple'),
-    'model.capsule.pose': ('matrix', 'vector'),
     'model.capsule.routing_mode': ('concurrent', 'sequential'),
+    'model.capsule.conv_impl': ('chunked', 'reference'),
     'train.progress': ('auto', 'bar', 'log'),
     'train.replica_map': ('auto', 'vmap', 'unroll'),
 }
@@ -123,7 +119,8 @@ _POSITIVE = ('phase1.batch_size', 'phase1.max_epochs', 'phase1.peak_lr',
              'phase2.epochs', 'phase2.peak_lr', 'phase3.bn_batches',
              'phase3.bn_batch_size', 'eval.batch_size', 'train.log_every',
              'train.checkpoint_every', 'train.keep_checkpoints',
-             'model.width')
+             'model.width', 'model.capsule.num_routing',
+             'model.capsule.pose_dim', 'model.capsule.primary_caps')
 _NON_NEGATIVE = ('phase1.warmup_epochs', 'phase1.final_lr',
                  'phase2.replicas', 'phase2.warmup_epochs',
                  'phase2.final_lr',

@@ -23,6 +23,15 @@ flags.DEFINE_bool('overwrite', False, 'Delete a run already in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _OnlyOurInfo:
+  """Drops the INFO chatter of orbax and CLU; keeps their warnings."""
+
+  def filter(self, record) -> bool:
+    noisy = any(f'/{lib}/' in record.pathname
+                for lib in ('orbax', 'clu', 'etils', 'tensorflow'))
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
 def _parse_flags(argv):
   """absl's parser, with a bad flag or config override as one line."""
   try:
@@ -67,4 +76,5 @@ if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
   # Which accelerator plugins are absent is not news to the user.
   py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
   app.run(main, flags_parser=_parse_flags)

@@ -145,11 +145,11 @@ def _prepare_workdir(workdir: pathlib.Path, config, overwrite: bool):
 class _Run:
   """What the phases share: data, model, checkpoints, writers, signals."""
 
-  def __init__(self, config, workdir: pathlib.Path, dataset, arrays):
+  def __init__(self, config, workdir: pathlib.Path, dataset, arrays, model):
     self.config, self.workdir = config, workdir
     self.dataset, self.arrays = dataset, arrays
     self.n_train = arrays.train_images.shape[0]
-    self.model = models.build(config, dataset.num_classes)
+    self.model = model
     self.is_main = jax.process_index() == 0
     self.writer = metrics_lib.make_writer(workdir, self.is_main)
     self.ckpt = checkpoint.Checkpointer(workdir / 'checkpoints',
@@ -373,8 +373,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   phase1 = _make_phase(config, 'phase1', arrays.train_images.shape[0])
   phase2 = (_make_phase(config, 'phase2', arrays.train_images.shape[0])
             if config.phase2.replicas else None)
+  try:
+    model = models.build(config, dataset.num_classes)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.model: {e}') from e
   _prepare_workdir(workdir, config, overwrite)
-  run = _Run(config, workdir, dataset, arrays)
+  run = _Run(config, workdir, dataset, arrays, model)
   previous = (signal.signal(signal.SIGTERM, run.on_sigterm)
               if _in_main_thread() else None)
   try:
@@ -427,6 +431,10 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
       summary['parameters'] = int(n_params)
       logging.info('Model %s: %s parameters.', config.model.name,
                    f'{n_params:,}')
+      if config.model.name == 'capsnet':
+        from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+        logging.info('Parameters per layer:\n%s',
+                     capsnet.parameter_summary(state.params)[1])
     if not meta.get('complete'):
       _log_phase_start(phase1, meta.get('phase_step', 0))
       state, info, meta = _train_phase(run, phase1, state, meta, 0)

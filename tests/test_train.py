@@ -197,3 +197,33 @@ def test_command_line_misspelt_override_fails_fast(tmp_path):
                        timeout=120, check=False)
   assert out.returncode != 0
   assert 'replcas' in out.stderr
+
+
+def test_capsule_network_trains_through_the_same_entry(data_dir, tmp_path):
+  config = small_config(data_dir)
+  config.model.name = 'capsnet'
+  config.model.capsule.backbone = 'simple'
+  config.model.capsule.backbone_width = 16
+  config.model.capsule.primary_caps = 4
+  config.model.capsule.layers = (
+      {'type': 'conv', 'num_caps': 4, 'kernel': 3, 'stride': 2},
+      {'type': 'fc', 'num_caps': 10})
+  config.phase1.stop_accuracy = None
+  config.phase1.max_epochs = 1.0
+  config.phase2.replicas = 2
+  config.phase2.epochs = 0.25
+  config.data.validation_size = 64
+  summary = train.train_and_evaluate(config, tmp_path / 'w')
+  assert summary['parameters'] > 0
+  assert summary['phase1']['steps'] == (512 - 64) // 64
+  assert len(summary['phase2']['replica_test_accuracy']) == 2
+  assert 0 <= summary['final']['val_accuracy'] <= 1
+
+
+def test_capsule_config_error_is_a_config_error(data_dir, tmp_path):
+  config = small_config(data_dir)
+  config.model.name = 'capsnet'
+  config.model.capsule.layers = ({'type': 'fc', 'num_caps': 7},)
+  with pytest.raises(config_lib.ConfigError, match='7 capsules but the '
+                     'dataset has 10 classes'):
+    train.train_and_evaluate(config, tmp_path / 'w')

@@ -27,6 +27,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
                    bn_momentum=m.bn_momentum, dtype=dtype)
   if m.name == 'capsnet':
     from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
-    return capsnet.from_config(m, num_classes)
+    return capsnet.from_config(m.capsule, num_classes,
+                               bn_momentum=m.bn_momentum)
   raise ValueError(f'config.model.name={m.name!r} is unknown; choose one '
                    f'of {", ".join(NAMES)}')

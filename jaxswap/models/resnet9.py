@@ -13,6 +13,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def max_pool_2x2(x):
+  """2x2 max pooling with stride 2 (floor), as a reshape and a max.
+
+  Same values as `nn.max_pool(x, (2, 2), (2, 2))`; its gradient is an
+  elementwise mask rather than XLA's select-and-scatter, which the CPU
+  backend runs about 3x slower.
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class ConvBN(nn.Module):
   """3x3 convolution, BatchNorm, ReLU."""
   features: int
@@ -50,7 +62,7 @@ class ResNet9(nn.Module):
     c = [max(1, int(round(w * self.width))) for w in (64, 128, 256, 512)]
     block = functools.partial(ConvBN, bn_momentum=self.bn_momentum,
                               dtype=self.dtype)
-    pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+    pool = max_pool_2x2
 
     x = block(c[0], name='prep')(x.astype(self.dtype), train)
 
