@@ -26,6 +26,7 @@ def _base(backbone: str, pose_dim: int, layers: list[dict],
   config.num_routing = 2  # The official README's setting.
   config.routing_mode = 'concurrent'
   config.conv_impl = 'chunked'
+  config.routing = 'inverted'  # Or the baselines 'dynamic', 'em'.
   config.layers = tuple(dict(layer) for layer in layers)
   config.update(fields)
   return config

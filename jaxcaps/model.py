@@ -5,8 +5,13 @@ capsules from a 1x1 convolution, a stack of convolutional and fully
 connected capsule layers routed by `jaxcaps.routing`, and one linear map,
 shared by all class capsules, from a class capsule's pose to its logit.
 
+The same architecture also runs the baselines of `jaxcaps.baselines`
+(`routing='dynamic'` or `'em'`), whose scores are class capsule lengths or
+activations rather than logits; `baselines.loss_for(routing)` is the loss
+that goes with each.
+
 Protocol expected by the trainer: `model.apply(variables, x, train=...)`
-with x float32 NHWC, already normalized, returns (B, num_classes) logits;
+with x float32 NHWC, already normalized, returns (B, num_classes) scores;
 BatchNorm statistics live in the 'batch_stats' collection (the "simple"
 backbone has none) and follow the `bn_momentum` field.
 """
@@ -20,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcaps import baselines
 from jaxcaps import routing
 
 Array = jax.Array
@@ -198,8 +204,141 @@ class FCCapsules(nn.Module):
                                    parent_pose, matrix_pose=self.matrix_pose)
 
 
+# ------------------------------------------------------- baseline capsules
+
+
+class SquashPrimaryCapsules(nn.Module):
+  """Dynamic routing's primary capsules: a 1x1 convolution, then squash.
+
+  Sabour et al. use a 9x9 stride-2 convolution here; the 1x1 one keeps the
+  inverted model's backbone and primary layer, with squash for its LN.
+  """
+  num_caps: int
+  pose_dim: int
+  matrix_pose: bool = True
+
+  @nn.compact
+  def __call__(self, features: Array) -> Array:
+    x = nn.Conv(self.num_caps * self.pose_dim, (1, 1), use_bias=False,
+                name='conv')(features)
+    pose_shape = _pose_shape(self.pose_dim, self.matrix_pose)
+    pose = x.reshape(x.shape[:-1] + (self.num_caps,) + pose_shape)
+    return baselines.squash(pose, matrix_pose=self.matrix_pose)
+
+
+class MatrixPrimaryCapsules(nn.Module):
+  """EM routing's primary capsules: linear poses, sigmoid activations.
+
+  Both come from 1x1 convolutions of the features at each position.
+  """
+  num_caps: int
+  pose_dim: int
+  matrix_pose: bool = True
+
+  @nn.compact
+  def __call__(self, features: Array) -> tuple[Array, Array]:
+    x = nn.Conv(self.num_caps * self.pose_dim, (1, 1), use_bias=False,
+                name='conv')(features)
+    pose_shape = _pose_shape(self.pose_dim, self.matrix_pose)
+    pose = x.reshape(x.shape[:-1] + (self.num_caps,) + pose_shape)
+    logit = nn.Conv(self.num_caps, (1, 1), name='activation')(features)
+    return pose, jax.nn.sigmoid(logit)
+
+
+def _routing_kernel(module: nn.Module, spec: CapsuleLayerSpec, num_in: int,
+                    child_dim: int, pose_dim: int,
+                    matrix_pose: bool) -> Array:
+  """Transforms of a baseline layer, shaped as the inverted layer's.
+
+  Their init is sqrt(M) times the inverted layer's, so that a uniform
+  coupling's sum of votes keeps the children's scale, E|s_j|^2 = E|u_i|^2:
+  with no LayerNorm to restore it, the smaller init leaves dynamic
+  routing's class capsules near zero length (squash maps short vectors to
+  |s|^2) and EM routing's votes so tight that every log-variance cost
+  saturates the activations at one.
+  """
+  pose_shape = _pose_shape(pose_dim, matrix_pose)
+  kernel = spec.kernel if spec.type == 'conv' else 1
+  std = math.sqrt(spec.num_caps) * routing.capsule_init_scale(
+      num_in, spec.num_caps, pose_dim, kernel, matrix_pose)
+  if spec.type == 'conv':
+    shape = (kernel, kernel, num_in, child_dim, pose_shape[-1],
+             spec.num_caps)
+  else:
+    shape = (num_in, spec.num_caps, child_dim, pose_shape[-1])
+  return module.param('kernel', nn.initializers.normal(std), shape)
+
+
+def _flatten_children(child_pose: Array, pose_ndim: int) -> Array:
+  """(B, H, W, N, *P) or (B, N, *P) -> (B, H * W * N or N, *P)."""
+  return child_pose.reshape((child_pose.shape[0], -1)
+                            + child_pose.shape[child_pose.ndim - pose_ndim:])
+
+
+class DynamicCapsules(nn.Module):
+  """A conv or fc capsule layer routed by dynamic routing to completion."""
+  spec: CapsuleLayerSpec
+  pose_dim: int
+  matrix_pose: bool = True
+  num_routing: int = 3
+
+  @nn.compact
+  def __call__(self, child_pose: Array) -> Array:
+    pose_ndim = len(_pose_shape(self.pose_dim, self.matrix_pose))
+    if self.spec.type == 'fc':
+      child_pose = _flatten_children(child_pose, pose_ndim)
+    weight = _routing_kernel(self, self.spec,
+                             child_pose.shape[-1 - pose_ndim],
+                             child_pose.shape[-1], self.pose_dim,
+                             self.matrix_pose)
+    if self.spec.type == 'conv':
+      return baselines.dynamic_conv_routing(
+          child_pose, weight, self.num_routing, stride=self.spec.stride,
+          matrix_pose=self.matrix_pose)[0]
+    return baselines.dynamic_fc_routing(child_pose, weight, self.num_routing,
+                                        matrix_pose=self.matrix_pose)[0]
+
+
+class EMCapsules(nn.Module):
+  """A conv or fc capsule layer routed by EM routing to completion."""
+  spec: CapsuleLayerSpec
+  pose_dim: int
+  matrix_pose: bool = True
+  num_routing: int = 3
+
+  @nn.compact
+  def __call__(self, child_pose: Array,
+               child_activation: Array) -> tuple[Array, Array]:
+    pose_ndim = len(_pose_shape(self.pose_dim, self.matrix_pose))
+    if self.spec.type == 'fc':
+      child_pose = _flatten_children(child_pose, pose_ndim)
+      child_activation = child_activation.reshape(
+          child_activation.shape[0], -1)
+    weight = _routing_kernel(self, self.spec,
+                             child_pose.shape[-1 - pose_ndim],
+                             child_pose.shape[-1], self.pose_dim,
+                             self.matrix_pose)
+    beta_u = self.param('beta_u', nn.initializers.zeros,
+                        (self.spec.num_caps,))
+    beta_a = self.param('beta_a', nn.initializers.zeros,
+                        (self.spec.num_caps,))
+    if self.spec.type == 'conv':
+      pose, activation, _ = baselines.em_conv_routing(
+          child_pose, child_activation, weight, beta_u, beta_a,
+          self.num_routing, stride=self.spec.stride,
+          matrix_pose=self.matrix_pose)
+    else:
+      pose, activation, _ = baselines.em_fc_routing(
+          child_pose, child_activation, weight, beta_u, beta_a,
+          self.num_routing, matrix_pose=self.matrix_pose)
+    return pose, activation
+
+
+# ------------------------------------------------------------------- network
+
+
 class CapsNet(nn.Module):
-  """Backbone, primary capsules, routed capsule layers and class logits.
+  """Backbone, primary capsules, routed capsule layers and class scores.
 
   Attributes:
     num_classes: classes; the last capsule layer must have this many types.
@@ -213,6 +352,11 @@ class CapsNet(nn.Module):
     routing_mode: 'concurrent' (the paper's default) or 'sequential'.
     conv_impl: 'chunked' (bounded memory) or 'reference' (all votes).
     bn_momentum: BatchNorm running-average decay, flax's convention.
+    routing: 'inverted' (this paper; logits from a shared linear map),
+      'dynamic' (Sabour et al. 2017; class capsule lengths) or 'em'
+      (Hinton et al. 2018; class activations). The baselines route each
+      layer to completion before the next, as their papers do, so
+      routing_mode and conv_impl do not apply to them.
   """
   num_classes: int
   layers: Sequence[CapsuleLayerSpec]
@@ -225,9 +369,13 @@ class CapsNet(nn.Module):
   routing_mode: str = 'concurrent'
   conv_impl: str = 'chunked'
   bn_momentum: float = 0.9
+  routing: str = 'inverted'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    if self.routing not in baselines.ROUTINGS:
+      raise ValueError(f'Unknown routing {self.routing!r}; choose one of '
+                       f'{baselines.ROUTINGS}.')
     if self.backbone == 'resnet':
       features = ResNetBackbone(self.bn_momentum, name='backbone')(x, train)
     elif self.backbone == 'simple':
@@ -236,6 +384,10 @@ class CapsNet(nn.Module):
     else:
       raise ValueError(f'Unknown backbone {self.backbone!r}; choose one of '
                        f'{BACKBONES}.')
+    if self.routing == 'dynamic':
+      return self._dynamic_lengths(features)
+    if self.routing == 'em':
+      return self._em_activations(features)
     pose = PrimaryCapsules(self.primary_caps, self.pose_dim,
                            self.matrix_pose, name='primary_caps')(features)
 
@@ -255,6 +407,29 @@ class CapsNet(nn.Module):
 
     class_pose = class_pose.reshape(class_pose.shape[:2] + (-1,))
     return nn.Dense(1, name='logits')(class_pose)[..., 0]
+
+  def _dynamic_lengths(self, features: Array) -> Array:
+    pose = SquashPrimaryCapsules(self.primary_caps, self.pose_dim,
+                                 self.matrix_pose, name='primary_caps')(
+                                     features)
+    specs = layer_specs(self.layers)
+    _check_num_classes(specs, self.num_classes)
+    for i, spec in enumerate(specs):
+      pose = DynamicCapsules(spec, self.pose_dim, self.matrix_pose,
+                             self.num_routing, name=f'caps_{i}')(pose)
+    return baselines.capsule_length(pose, matrix_pose=self.matrix_pose)
+
+  def _em_activations(self, features: Array) -> Array:
+    pose, activation = MatrixPrimaryCapsules(
+        self.primary_caps, self.pose_dim, self.matrix_pose,
+        name='primary_caps')(features)
+    specs = layer_specs(self.layers)
+    _check_num_classes(specs, self.num_classes)
+    for i, spec in enumerate(specs):
+      pose, activation = EMCapsules(spec, self.pose_dim, self.matrix_pose,
+                                    self.num_routing, name=f'caps_{i}')(
+                                        pose, activation)
+    return activation
 
 
 # ------------------------------------------------------- construction, size
@@ -305,7 +480,7 @@ def from_config(config: Any, num_classes: int, **overrides: Any) -> CapsNet:
   Args:
     config: ConfigDict or dict with `layers` and optionally backbone,
       backbone_width, primary_caps, pose_dim, matrix_pose, num_routing,
-      routing_mode, conv_impl, bn_momentum.
+      routing_mode, conv_impl, bn_momentum, routing.
     num_classes: classes of the dataset; must equal the num_caps of the
       last layer.
     **overrides: fields to set instead of the config's.

@@ -9,10 +9,9 @@ a checkpoint.
 """
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -29,22 +28,46 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)
 
-  def latest(self) -> tuple[int, dict[str, Any]] | None:
-    """(step, meta) of the newest checkpoint, or None."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
+  def steps(self) -> list[int]:
+    """Finished checkpoints, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def meta(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))
-    return step, restored['meta']
+    return restored['meta']
+
+  def restore_newest(self, template_for: Callable[[dict[str, Any]], Any]):
+    """The newest checkpoint that reads back whole, as (step, meta, state).
+
+    A checkpoint that fails to read (a corrupted or half-deleted file) is
+    reported and skipped for the next older one.
+
+    Args:
+      template_for: maps a checkpoint's meta to the abstract state to
+        restore into, or None to restore only the meta.
+
+    Returns:
+      (step, meta, state or None), or None if no checkpoint reads back.
+    """
+    for step in self.steps():
+      try:
+        meta = self.meta(step)
+        like = template_for(meta)
+        state = None if like is None else self.restore(step, like)
+        return step, meta, state
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint %d does not read back (%s: %s); '
+                        'deleting it and falling back to an older one.',
+                        step, type(e).__name__, str(e).split('\n')[0][:200])
+        # Its step would come round again and collide with the new save.
+        self._manager.delete(step)
+    return None
 
   def restore(self, step: int, like: Any) -> Any:
-    """The state of checkpoint `step`, shaped and sharded like `like`."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        like)
+    """The state of checkpoint `step` as the abstract pytree `like`."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+        state=ocp.args.StandardRestore(like)))
     logging.info('Restored checkpoint %d.', step)
     return restored['state']
 

@@ -397,13 +397,6 @@ def _in_main_thread() -> bool:
 
 def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
   config = run.config
-  latest = run.ckpt.latest()
-  ckpt_step, meta = latest if latest else (0, {'phase': 'phase1'})
-  summary = meta.get('summary', {})
-  if latest:
-    logging.info('Resuming from checkpoint %d (%s, step %d%s).', ckpt_step,
-                 meta['phase'], meta.get('phase_step', 0),
-                 ', complete' if meta.get('complete') else '')
   sample = jnp.zeros((1,) + arrays_shape(run), run.dtype)
 
   def template(phase: Phase):
@@ -415,10 +408,23 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
         shapes)
 
+  def template_for(meta):
+    return {'phase1': lambda: template(phase1),
+            'phase2': lambda: template(phase2)}.get(
+                meta['phase'], lambda: None)()
+
+  latest = run.ckpt.restore_newest(template_for)
+  ckpt_step, meta, restored = latest or (0, {'phase': 'phase1'}, None)
+  summary = meta.get('summary', {})
+  if latest:
+    logging.info('Resuming from checkpoint %d (%s, step %d%s).', ckpt_step,
+                 meta['phase'], meta.get('phase_step', 0),
+                 ', complete' if meta.get('complete') else '')
+
   # ---- Phase 1: one model, large batch, data parallel.
   if meta['phase'] == 'phase1':
     if latest:
-      state = run.ckpt.restore(ckpt_step, template(phase1))
+      state = restored
     else:
       init = jax.jit(functools.partial(step_lib.init_replicas, run.model,
                                        phase1.tx),
@@ -455,7 +461,7 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
     state = _start_phase2(run, phase2, state)
     meta = {'phase': 'phase2', 'phase_step': 0, 'summary': summary}
   elif meta['phase'] == 'phase2':
-    state = run.ckpt.restore(ckpt_step, template(phase2))
+    state = restored
   else:
     logging.info('This run is complete; its summary is in %s.',
                  run.workdir / 'summary.json')

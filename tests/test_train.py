@@ -1,7 +1,6 @@
 """The trainer end to end on a small idx data set: phases, resume, guards."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -86,56 +85,94 @@ def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
   again = train.train_and_evaluate(small_config(data_dir), tmp_path / 'w')
   assert again == summary
 
+  # A corrupted newest checkpoint is skipped for the one before it, from
+  # which phase 3 is redone to the same final model.
+  want = _final_params(w)
+  newest = max(int(p.name) for p in (w / 'checkpoints').iterdir()
+               if p.name.isdigit())
+  for f in (w / 'checkpoints' / str(newest)).rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'\0garbage')
+  redone = train.train_and_evaluate(small_config(data_dir), w)
+  assert redone['final'] == summary['final']
+  chex.assert_trees_all_equal(_final_params(w), want)
 
-def test_resume_after_sigkill_in_phase2_ends_with_same_parameters(
-    data_dir, tmp_path):
+
+def _kill_config(data_dir):
   config = small_config(data_dir)
   config.phase1.stop_accuracy = None
   config.phase1.max_epochs = 0.25       # 2 steps
   config.phase2.epochs = 1.0            # 32 steps per replica
-  straight = tmp_path / 'straight'
-  train.train_and_evaluate(config, straight)
-  want = _final_params(straight)
+  return config
 
-  # The same run as a process, killed once phase 2 has checkpointed.
-  killed = tmp_path / 'killed'
+
+@pytest.fixture(scope='module')
+def straight_params(data_dir, tmp_path_factory):
+  """Final parameters of the kill tests' run, uninterrupted."""
+  workdir = tmp_path_factory.mktemp('straight')
+  train.train_and_evaluate(_kill_config(data_dir), workdir)
+  return _final_params(workdir)
+
+
+def _start_and_signal(data_dir, tmp_path, workdir, sig):
+  """Runs the kill config as a process; signals it in phase 2."""
   cfg_file = tmp_path / 'cfg.py'
   cfg_file.write_text(
-      'import sys\n'
+      'import sys, pathlib\n'
       f'sys.path.insert(0, {str(ROOT / "tests")!r})\n'
-      'import test_train, pathlib\n'
+      'import test_train\n'
       'def get_config():\n'
-      f'  c = test_train.small_config(pathlib.Path({str(data_dir)!r}))\n'
-      '  c.phase1.stop_accuracy = None\n'
-      '  c.phase1.max_epochs = 0.25\n'
-      '  c.phase2.epochs = 1.0\n'
-      '  return c\n')
+      '  return test_train._kill_config(pathlib.Path('
+      f'{str(data_dir)!r}))\n')
   cmd = [sys.executable, '-m', 'jaxswap.main', f'--config={cfg_file}',
-         f'--workdir={killed}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+         f'--workdir={workdir}']
+  log = open(tmp_path / f'{workdir.name}.log', 'w+', encoding='utf-8')
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=log)
   deadline = time.time() + 240
   try:
     while time.time() < deadline and proc.poll() is None:
-      ckpts = killed / 'checkpoints'
+      ckpts = workdir / 'checkpoints'
       done = [int(p.name) for p in ckpts.iterdir()
               if p.name.isdigit()] if ckpts.exists() else []
       if any(2 < s < 2 + 32 for s in done):  # A phase-2 checkpoint.
         break
       time.sleep(0.05)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, 'the run ended before it could be stopped'
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert not (killed / 'summary.json').exists()
+    log.seek(0)
+    stderr = log.read()
+    log.close()
+  return proc.returncode, stderr
 
-  summary = train.train_and_evaluate(config, killed)
+
+def test_resume_after_sigkill_in_phase2_ends_with_same_parameters(
+    data_dir, tmp_path, straight_params):
+  workdir = tmp_path / 'killed'
+  rc, _ = _start_and_signal(data_dir, tmp_path, workdir, signal.SIGKILL)
+  assert rc == -signal.SIGKILL
+  assert not (workdir / 'summary.json').exists()
+  summary = train.train_and_evaluate(_kill_config(data_dir), workdir)
   assert summary['phase2']['steps'] == 32
-  got = _final_params(killed)
-  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path,
+                                                      straight_params):
+  workdir = tmp_path / 'preempted'
+  rc, stderr = _start_and_signal(data_dir, tmp_path, workdir,
+                                 signal.SIGTERM)
+  assert rc == 0, stderr[-2000:]
+  assert 'Stopped by SIGTERM' in stderr
+  steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir()
+           if p.name.isdigit()]
+  assert max(steps) > 2   # Saved in phase 2, where it was stopped.
+  train.train_and_evaluate(_kill_config(data_dir), workdir)
+  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
 
 
 def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
