@@ -24,14 +24,13 @@ assignments R_ij (uniform at first). The M-step weighs R_ij by the child's
 activation and takes the parent's mean mu_j (its pose) and variances
 sigma_j^2 over the d pose numbers h; the cost of describing the votes,
 (beta_u + log sigma_j^h) sum_i R_ij summed over h (here divided by N, see
-below), against a learned
-beta_a sets the parent's activation a_j = sigmoid(lambda (beta_a - cost_j))
-at an inverse temperature lambda that rises over the iterations. The
-E-step sets R_ij proportional to a_j p_j(V_ij), the parent's Gaussian
-density at the vote, normalized over the parents. The class scores are
-the class capsules' activations, trained with the spread loss. Densities,
-assignments and activations are handled as logarithms or logits, so no
-product of d small densities underflows.
+below), against a learned beta_a sets the parent's activation
+a_j = sigmoid(lambda (beta_a - cost_j)) at an inverse temperature lambda
+that rises over the iterations. The E-step sets R_ij proportional to
+a_j p_j(V_ij), the parent's Gaussian density at the vote, normalized over
+the parents. The class scores are the class capsules' activations, trained
+with the spread loss. Densities, assignments and activations are handled
+as logarithms or logits, so no product of d small densities underflows.
 
 Convolutional layers work as in the inverted routing: W has shape
 (k, k, N, ..., M) and is shared by all positions, there is no padding, and
@@ -136,8 +135,8 @@ def squash(s: Array, *, matrix_pose: bool = False,
 
   Args:
     s: (..., *P) capsule inputs.
-    matrix_pose: whether P is (s, s) rather than (d,); the norm runs over
-      all d numbers either way.
+    matrix_pose: whether each pose is a matrix rather than a d-vector; the
+      norm runs over all d numbers either way.
     eps: added to |s|^2 under the square root (our addition), so that the
       gradient at s = 0 is finite; it changes |v| by a fraction of about
       eps / (2 |s|^2).

@@ -254,8 +254,8 @@ def _routing_kernel(module: nn.Module, spec: CapsuleLayerSpec, num_in: int,
   coupling's sum of votes keeps the children's scale, E|s_j|^2 = E|u_i|^2:
   with no LayerNorm to restore it, the smaller init leaves dynamic
   routing's class capsules near zero length (squash maps short vectors to
-  |s|^2) and EM routing's votes so tight that every log-variance cost
-  saturates the activations at one.
+  |s|^2) and EM routing's votes so tight that the log-variance costs
+  saturate every activation near one.
   """
   pose_shape = _pose_shape(pose_dim, matrix_pose)
   kernel = spec.kernel if spec.type == 'conv' else 1
@@ -356,7 +356,8 @@ class CapsNet(nn.Module):
       'dynamic' (Sabour et al. 2017; class capsule lengths) or 'em'
       (Hinton et al. 2018; class activations). The baselines route each
       layer to completion before the next, as their papers do, so
-      routing_mode and conv_impl do not apply to them.
+      routing_mode and conv_impl do not apply to them; dynamic routing
+      has the paper's vector capsules with matrix_pose=False only.
   """
   num_classes: int
   layers: Sequence[CapsuleLayerSpec]

@@ -4,6 +4,7 @@ r"""Command-line entry: parses flags and hands over to `train`.
       --workdir runs/fmnist --config.phase2.replicas=8
 """
 
+import json
 import logging as py_logging
 import os
 import sys
@@ -20,7 +21,18 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the '
                     'summary go; rerunning with the same one resumes.')
 flags.DEFINE_bool('overwrite', False, 'Delete a run already in --workdir.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('dry_run', False, 'Build and compile every phase, print '
+                  'parameters, per-device memory, steps and meshes, and '
+                  'exit without training.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process '
+                    '0, for a multi-process run on GPU or CPU machines.')
+flags.DEFINE_integer('num_processes', None, 'Processes of a multi-process '
+                     'run.')
+flags.DEFINE_integer('process_id', None, 'This process, in [0, '
+                     'num_processes).')
+flags.DEFINE_bool('distributed', False, 'Initialize jax.distributed from '
+                  'the environment (Cloud TPU pod slices, SLURM).')
+flags.mark_flags_as_required(['config'])
 
 
 class _OnlyOurInfo:
@@ -48,6 +60,22 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+def _initialize_distributed():
+  """jax.distributed.initialize, when the run spans several processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not (FLAGS.distributed or (FLAGS.num_processes or 1) > 1):
+    return
+  # Collectives between CPU devices of different processes go over gloo;
+  # the setting does nothing to GPU and TPU devices.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info('Process %d of %d, %d of %d devices local.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -56,10 +84,18 @@ def main(argv):
   from jaxswap import train  # pylint: disable=g-import-not-at-top
   from jaxswap.data import errors  # pylint: disable=g-import-not-at-top
 
+  _initialize_distributed()
   try:
+    if FLAGS.dry_run:
+      print(json.dumps(train.dry_run(FLAGS.config), indent=1))
+      return 0
+    if not FLAGS.workdir:
+      raise config_lib.ConfigError('--workdir is required: the folder for '
+                                   'checkpoints, metrics and the summary')
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                        FLAGS.overwrite)
-  except (config_lib.ConfigError, errors.DataError) as e:
+  except (config_lib.ConfigError, errors.DataError,
+          train.WorkdirError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -56,6 +56,10 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was saved."""
 
 
+class WorkdirError(OSError):
+  """The work directory cannot be written (permissions, a full disk)."""
+
+
 @dataclasses.dataclass
 class Phase:
   """What one training phase does, resolved to steps."""
@@ -115,7 +119,21 @@ def _replica_keys(seed: int, phase_id: int, replicas: int) -> jax.Array:
 
 
 def _prepare_workdir(workdir: pathlib.Path, config, overwrite: bool):
-  """Refuses to mix runs; writes the resolved config."""
+  """Refuses to mix runs; writes the resolved config.
+
+  In a multi-process run, process 0 checks and writes and the others wait
+  for it, so that they never see its half-made work directory.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      _check_and_write_workdir(workdir, config, overwrite)
+    multihost_utils.sync_global_devices('jaxswap workdir ready')
+    return
+  _check_and_write_workdir(workdir, config, overwrite)
+
+
+def _check_and_write_workdir(workdir: pathlib.Path, config, overwrite: bool):
   path = workdir / 'config.json'
   if overwrite and workdir.exists():
     logging.warning('--overwrite: deleting the run in %s', workdir)
@@ -135,11 +153,16 @@ def _prepare_workdir(workdir: pathlib.Path, config, overwrite: bool):
     raise config_lib.ConfigError(
         f'--workdir={workdir} is not empty and holds no run of ours; use '
         'an empty or new --workdir, or pass --overwrite to delete it')
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    tmp = workdir / 'config.json.tmp'
-    tmp.write_text(config_lib.to_json(config))
-    os.replace(tmp, path)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      tmp = workdir / 'config.json.tmp'
+      tmp.write_text(config_lib.to_json(config))
+      os.replace(tmp, path)
+  except OSError as e:
+    raise WorkdirError(f'--workdir={workdir} cannot be written '
+                       f'({e.strerror or e}); choose a writable folder with '
+                       'free space') from e
 
 
 class _Run:
@@ -192,13 +215,20 @@ class _Run:
     fn = jax.jit(functools.partial(
         step_lib.evaluate, model=self.model,
         batch_size=self.config.eval.batch_size, dtype=self.dtype,
-        mesh=mesh, unroll=self.unroll(mesh, replicas)))
+        mesh=mesh, unroll=self.unroll(mesh, replicas)),
+                 out_shardings=NamedSharding(mesh, P()))
     correct, _ = fn(params, batch_stats, getattr(data, f'{split}_images'),
                     getattr(data, f'{split}_labels'), data.mean, data.std)
     return np.asarray(jax.device_get(correct)) / images.shape[0]
 
   def save(self, ckpt_step: int, state, meta: dict[str, Any]) -> None:
-    self.ckpt.save(ckpt_step, state, meta)
+    try:
+      self.ckpt.save(ckpt_step, state, meta)
+    except OSError as e:
+      raise WorkdirError(
+          f'cannot write checkpoint {ckpt_step} in {self.workdir} '
+          f'({e.strerror or e}); free some space or fix its permissions, '
+          'then rerun the same command to resume from the last one') from e
 
 
 def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
@@ -216,7 +246,8 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
       functools.partial(step_lib.train_step, model=run.model, tx=phase.tx,
                         schedule=phase.schedule, cfg=cfg, mesh=mesh),
       in_shardings=(rep, NamedSharding(mesh, P()), rep),
-      out_shardings=(rep, rep), donate_argnums=0)
+      # Metrics are tiny; replicated, every process can read them.
+      out_shardings=(rep, NamedSharding(mesh, P())), donate_argnums=0)
   perm_fn = jax.jit(functools.partial(pipeline.permutations, n=run.n_train),
                     out_shardings=rep)
 
@@ -390,6 +421,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       signal.signal(signal.SIGTERM, previous)
 
 
+def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Builds and compiles every phase without training; returns the plan.
+
+  Parameters come from `jax.eval_shape`; per-device memory from XLA's
+  analysis of each compiled step.
+  """
+  config_lib.validate(config, jax.device_count())
+  dataset, arrays = _load_data(config)
+  n = arrays.train_images.shape[0]
+  phases = [_make_phase(config, 'phase1', n)]
+  if config.phase2.replicas:
+    phases.append(_make_phase(config, 'phase2', n))
+  model = models.build(config, dataset.num_classes)
+  run = _Run.__new__(_Run)
+  run.config, run.arrays, run.model = config, arrays, model
+  run.dtype = jnp.dtype(config.model.dtype)
+  sample = jnp.zeros((1,) + arrays.train_images.shape[1:], run.dtype)
+  plan = {'devices': jax.device_count(), 'train_examples': n}
+  for phase in phases:
+    rep = NamedSharding(phase.mesh, P('replica'))
+    keys = _replica_keys(config.seed, _INIT, phase.replicas)
+    shapes = jax.eval_shape(functools.partial(
+        step_lib.init_replicas, model, phase.tx), keys, sample)
+    state = jax.tree.map(
+        lambda x, rep=rep: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                sharding=rep), shapes)
+    data = jax.tree.map(
+        lambda a, m=phase.mesh: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=NamedSharding(m, P())),
+        pipeline.DeviceData(*map(np.asarray, arrays)))
+    perm = jax.ShapeDtypeStruct((phase.replicas, n), jnp.int32,
+                                sharding=rep)
+    step_fn = jax.jit(functools.partial(
+        step_lib.train_step, model=model, tx=phase.tx,
+        schedule=phase.schedule,
+        cfg=run.step_config(phase.batch_size, phase.mesh, phase.replicas),
+        mesh=phase.mesh), donate_argnums=0)
+    memory = step_fn.lower(state, data, perm).compile().memory_analysis()
+    per_device = None
+    if memory is not None:
+      per_device = int(memory.argument_size_in_bytes
+                       + memory.output_size_in_bytes
+                       + memory.temp_size_in_bytes
+                       - memory.alias_size_in_bytes)
+    params = sum(x.size for x in jax.tree.leaves(shapes.params))
+    plan[phase.name] = {
+        'mesh': dict(phase.mesh.shape), 'replicas': phase.replicas,
+        'batch_size': phase.batch_size, 'steps': phase.total_steps,
+        'epochs': phase.total_steps / phase.steps_per_epoch,
+        'parameters_per_replica': int(params // phase.replicas),
+        'bytes_per_device': per_device}
+  return plan
+
+
 def _in_main_thread() -> bool:
   import threading  # pylint: disable=g-import-not-at-top
   return threading.current_thread() is threading.main_thread()
@@ -514,8 +599,9 @@ def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,
                'statistics over %d batches of %d.', int(weights.sum()),
                f' (left out: {bad})' if bad else '',
                config.phase3.bn_batches, config.phase3.bn_batch_size)
-  avg = jax.jit(step_lib.average)((state.params, state.batch_stats),
-                                  jnp.asarray(weights))
+  avg = jax.jit(step_lib.average,
+                out_shardings=NamedSharding(phase2.mesh, P()))(
+                    (state.params, state.batch_stats), jnp.asarray(weights))
   mesh = phase1.mesh
   rep = NamedSharding(mesh, P('replica'))
   params, batch_stats = jax.device_put(jax.device_get(avg), rep)

@@ -308,7 +308,7 @@ def log_correspondence(config, caps, cnn, image_shape):
                '\n'.join(lines))
   if any(caps_counts[c] != cnn_counts[n] for c, n in pairs):
     raise RuntimeError('MatchedCNN does not match the capsule network '
-                         'layer by layer; see the table above.')
+                       'layer by layer; see the table above.')
   return {c: caps_counts[c] for c, _ in pairs}
 
 

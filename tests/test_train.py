@@ -1,13 +1,16 @@
 """The trainer end to end on a small idx data set: phases, resume, guards."""
 
 import json
+import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import chex
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -58,8 +61,14 @@ def data_dir(tmp_path_factory):
 def _final_params(workdir: pathlib.Path):
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
                  if p.name.isdigit())
+  path = workdir / 'checkpoints' / str(steps[-1]) / 'state'
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(workdir / 'checkpoints' / str(steps[-1]) / 'state')
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=one_device), meta)
+    return ckptr.restore(path, like)
 
 
 def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
@@ -264,3 +273,57 @@ def test_capsule_config_error_is_a_config_error(data_dir, tmp_path):
   with pytest.raises(config_lib.ConfigError, match='7 capsules but the '
                      'dataset has 10 classes'):
     train.train_and_evaluate(config, tmp_path / 'w')
+
+
+def _short_config(data_dir):
+  config = _kill_config(data_dir)
+  config.phase2.epochs = 0.125          # 4 steps per replica
+  return config
+
+
+def test_two_processes_train_the_same_model_as_one(data_dir, tmp_path):
+  """2 processes x 4 CPU devices against 1 process x 8 devices.
+
+  Few steps: the processes sum gradients in another order (over gloo), and
+  SGD amplifies rounding differences step by step.
+  """
+  one = tmp_path / 'one'
+  train.train_and_evaluate(_short_config(data_dir), one)
+  cfg_file = tmp_path / 'cfg.py'
+  cfg_file.write_text(
+      'import sys, pathlib\n'
+      f'sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+      'import test_train\n'
+      'def get_config():\n'
+      '  return test_train._short_config(pathlib.Path('
+      f'{str(data_dir)!r}))\n')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'two'
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(open(tmp_path / f'p{i}.log', 'w+', encoding='utf-8'))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'jaxswap.main', f'--config={cfg_file}',
+         f'--workdir={workdir}', '--num_processes=2', f'--process_id={i}',
+         f'--coordinator_address=127.0.0.1:{port}'],
+        cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+  try:
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    log.seek(0)
+    assert p.returncode == 0, f'process {i}:\n' + log.read()[-3000:]
+  text = (tmp_path / 'p0.log').read_text()
+  assert 'Process 0 of 2, 4 of 8 devices local' in text
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['phase2']['steps'] == 4
+  chex.assert_trees_all_close(_final_params(workdir), _final_params(one),
+                              atol=5e-4, rtol=1e-3)
