@@ -326,4 +326,4 @@ def test_two_processes_train_the_same_model_as_one(data_dir, tmp_path):
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['phase2']['steps'] == 4
   chex.assert_trees_all_close(_final_params(workdir), _final_params(one),
-                              atol=5e-4, rtol=1e-3)
+                              atol=1e-3, rtol=2e-3)
