@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.phase2.peak_lr = 0.1
   c.phase2.warmup_epochs = 0.0
   c.phase2.final_lr = 0.0
+  # Sequential SWA (Izmailov et al. 2018) inside each replica: average its
+  # weights every this many steps from `swa_start_epochs` of the phase on;
+  # 0 keeps only each replica's final weights.
+  c.phase2.swa_every_steps = 0
+  c.phase2.swa_start_epochs = 0.0
 
   # Phase 3: average the replicas, recompute BN statistics.
   c.phase3 = ml_collections.ConfigDict()
@@ -111,6 +116,7 @@ _CHOICES = {
     'model.capsule.backbone': ('resnet', 'simple'),
     'model.capsule.routing_mode': ('concurrent', 'sequential'),
     'model.capsule.conv_impl': ('chunked', 'reference'),
+    'model.capsule.routing': ('inverted', 'dynamic', 'em'),
     'train.progress': ('auto', 'bar', 'log'),
     'train.replica_map': ('auto', 'vmap', 'unroll'),
 }
@@ -123,7 +129,8 @@ _POSITIVE = ('phase1.batch_size', 'phase1.max_epochs', 'phase1.peak_lr',
              'model.capsule.pose_dim', 'model.capsule.primary_caps')
 _NON_NEGATIVE = ('phase1.warmup_epochs', 'phase1.final_lr',
                  'phase2.replicas', 'phase2.warmup_epochs',
-                 'phase2.final_lr',
+                 'phase2.final_lr', 'phase2.swa_every_steps',
+                 'phase2.swa_start_epochs',
                  'optimizer.weight_decay', 'optimizer.momentum',
                  'data.crop_padding', 'data.validation_size',
                  'eval.every_epochs', 'optimizer.label_smoothing',

@@ -31,6 +31,9 @@ class ReplicaState:
   opt_state: PyTree
   step: jax.Array           # int32, steps taken in this phase
   key: jax.Array            # uint32[2]; data order and augmentation
+  # Sequential SWA's running sum of weights and its count; None when off.
+  swa_sum: PyTree = None
+  swa_count: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -42,6 +45,14 @@ class StepConfig:
   label_smoothing: float = flax.struct.field(pytree_node=False)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
   unroll: bool = flax.struct.field(pytree_node=False, default=False)
+  # 'cross_entropy', or a capsule routing's own loss: 'margin' (dynamic
+  # routing) or 'spread' (EM routing, margin ramped over `total_steps`).
+  loss: str = flax.struct.field(pytree_node=False, default='cross_entropy')
+  total_steps: int = flax.struct.field(pytree_node=False, default=1)
+  # Sequential SWA: from step `swa_start` on, add the weights to a running
+  # sum every `swa_every` steps (0: off).
+  swa_every: int = flax.struct.field(pytree_node=False, default=0)
+  swa_start: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def over_replicas(fn: Callable, *args, unroll: bool = False):
@@ -85,21 +96,51 @@ def init_replicas(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def start_phase(state: ReplicaState, tx: optax.GradientTransformation,
-                keys: jax.Array) -> ReplicaState:
+                keys: jax.Array, swa: bool = False) -> ReplicaState:
   """Copies a one-replica state into len(keys) replicas for a new phase.
 
   Each starts from the same weights and BN statistics, with fresh optimizer
-  state, step 0 and its own data key.
+  state, step 0 and its own data key (and an empty SWA sum if `swa`).
   """
   w = keys.shape[0]
 
   def tile(x):
     return jnp.broadcast_to(x, (w,) + x.shape[1:])
   params = jax.tree.map(tile, state.params)
-  return ReplicaState(params=params,
-                      batch_stats=jax.tree.map(tile, state.batch_stats),
-                      opt_state=jax.vmap(tx.init)(params),
-                      step=jnp.zeros((w,), jnp.int32), key=keys)
+  new = ReplicaState(params=params,
+                     batch_stats=jax.tree.map(tile, state.batch_stats),
+                     opt_state=jax.vmap(tx.init)(params),
+                     step=jnp.zeros((w,), jnp.int32), key=keys)
+  return with_swa(new) if swa else new
+
+
+def loss_fn_for(cfg: StepConfig, step: jax.Array) -> Callable:
+  """(outputs, labels) -> mean loss, as `cfg.loss` names it."""
+  if cfg.loss == 'cross_entropy':
+    return lambda logits, labels: cross_entropy(
+        logits, labels, logits.shape[-1], cfg.label_smoothing)
+  from jaxcaps import baselines  # pylint: disable=g-import-not-at-top
+  if cfg.loss == 'margin':
+    return baselines.margin_loss
+  if cfg.loss == 'spread':
+    margin = baselines.spread_margin(step, cfg.total_steps)
+    return lambda out, labels: baselines.spread_loss(out, labels, margin)
+  raise ValueError(f'unknown loss {cfg.loss!r}')
+
+
+def with_swa(state: ReplicaState) -> ReplicaState:
+  """Adds an empty SWA running sum to (W, ...) replica states."""
+  return state.replace(
+      swa_sum=jax.tree.map(jnp.zeros_like, state.params),
+      swa_count=jnp.zeros_like(state.step))
+
+
+def swa_params(state: ReplicaState) -> PyTree:
+  """Each replica's SWA average (its final weights if it has none)."""
+  def mean(total, last):
+    count = state.swa_count.reshape((-1,) + (1,) * (last.ndim - 1))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), last)
+  return jax.tree.map(mean, state.swa_sum, state.params)
 
 
 def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
@@ -139,12 +180,13 @@ def train_step(state: ReplicaState, data: pipeline.DeviceData,
     images = _constrain(images, mesh, P('data'))
     x = pipeline.normalize(images, data.mean, data.std, cfg.dtype)
 
+    objective = loss_fn_for(cfg, state.step)
+
     def loss_fn(params):
       logits, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, x,
           train=True, mutable=['batch_stats'])
-      loss = cross_entropy(logits, labels, logits.shape[-1],
-                           cfg.label_smoothing)
+      loss = objective(logits, labels)
       return loss, (logits, updates.get('batch_stats', {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
@@ -161,6 +203,13 @@ def train_step(state: ReplicaState, data: pipeline.DeviceData,
     }
     new = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=opt_state, step=state.step + 1)
+    if cfg.swa_every:
+      since = new.step - cfg.swa_start
+      take = (since >= 0) & (since % cfg.swa_every == 0)
+      new = new.replace(
+          swa_sum=jax.tree.map(lambda t, p: t + jnp.where(take, p, 0),
+                               state.swa_sum, params),
+          swa_count=state.swa_count + take.astype(jnp.int32))
     return new, metrics
 
   return over_replicas(one, state, perm, unroll=cfg.unroll)

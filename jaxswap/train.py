@@ -73,6 +73,8 @@ class Phase:
   mesh: jax.sharding.Mesh
   stop_accuracy: float | None = None
   stop_window: int = 1
+  swa_every: int = 0
+  swa_start: int = 0
 
   @property
   def images_per_step(self) -> int:
@@ -109,7 +111,9 @@ def _make_phase(config, name: str, n_train: int) -> Phase:
                steps_per_epoch=spe, total_steps=total, schedule=schedule,
                tx=tx, mesh=make_mesh(replicas),
                stop_accuracy=pc.get('stop_accuracy'),
-               stop_window=pc.get('stop_window_steps', 1))
+               stop_window=pc.get('stop_window_steps', 1),
+               swa_every=pc.get('swa_every_steps', 0),
+               swa_start=int(round(pc.get('swa_start_epochs', 0.0) * spe)))
 
 
 def _replica_keys(seed: int, phase_id: int, replicas: int) -> jax.Array:
@@ -196,13 +200,20 @@ class _Run:
     per_device = replicas > mesh.shape['replica'] or replicas == 1
     return jax.default_backend() == 'cpu' and per_device
 
-  def step_config(self, batch_size: int, mesh, replicas: int
-                  ) -> step_lib.StepConfig:
-    d = self.config.data
+  def step_config(self, batch_size: int, mesh, replicas: int,
+                  phase: Phase | None = None) -> step_lib.StepConfig:
+    d, m = self.config.data, self.config.model
+    loss = 'cross_entropy'
+    if m.name == 'capsnet':
+      loss = {'dynamic': 'margin', 'em': 'spread'}.get(m.capsule.routing,
+                                                       loss)
     return step_lib.StepConfig(
         batch_size=batch_size, crop_padding=d.crop_padding, flip=d.flip,
         label_smoothing=self.config.optimizer.label_smoothing,
-        dtype=self.dtype, unroll=self.unroll(mesh, replicas))
+        dtype=self.dtype, unroll=self.unroll(mesh, replicas), loss=loss,
+        total_steps=phase.total_steps if phase else 1,
+        swa_every=phase.swa_every if phase else 0,
+        swa_start=phase.swa_start if phase else 0)
 
   def evaluate(self, mesh, params, batch_stats, split: str
                ) -> np.ndarray | None:
@@ -241,7 +252,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   mesh = phase.mesh
   rep = NamedSharding(mesh, P('replica'))
   data = run.data_on(mesh)
-  cfg = run.step_config(phase.batch_size, mesh, phase.replicas)
+  cfg = run.step_config(phase.batch_size, mesh, phase.replicas, phase)
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, model=run.model, tx=phase.tx,
                         schedule=phase.schedule, cfg=cfg, mesh=mesh),
@@ -456,7 +467,8 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     step_fn = jax.jit(functools.partial(
         step_lib.train_step, model=model, tx=phase.tx,
         schedule=phase.schedule,
-        cfg=run.step_config(phase.batch_size, phase.mesh, phase.replicas),
+        cfg=run.step_config(phase.batch_size, phase.mesh, phase.replicas,
+                            phase),
         mesh=phase.mesh), donate_argnums=0)
     memory = step_fn.lower(state, data, perm).compile().memory_analysis()
     per_device = None
@@ -488,6 +500,8 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
     keys = _replica_keys(config.seed, _INIT, phase.replicas)
     shapes = jax.eval_shape(functools.partial(
         step_lib.init_replicas, run.model, phase.tx), keys, sample)
+    if phase.swa_every:
+      shapes = jax.eval_shape(step_lib.with_swa, shapes)
     rep = NamedSharding(phase.mesh, P('replica'))
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
@@ -583,7 +597,8 @@ def _start_phase2(run: _Run, phase2: Phase, state):
   first = step_lib.ReplicaState(params=one[0], batch_stats=one[1],
                                 opt_state=None, step=None, key=None)
   rep = NamedSharding(phase2.mesh, P('replica'))
-  start = jax.jit(functools.partial(step_lib.start_phase, tx=phase2.tx),
+  start = jax.jit(functools.partial(step_lib.start_phase, tx=phase2.tx,
+                                    swa=phase2.swa_every > 0),
                   out_shardings=rep)
   return start(first, keys=keys)
 
@@ -599,6 +614,14 @@ def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,
                'statistics over %d batches of %d.', int(weights.sum()),
                f' (left out: {bad})' if bad else '',
                config.phase3.bn_batches, config.phase3.bn_batch_size)
+  if phase2.swa_every:
+    snapshots = sum(1 for t in range(1, phase2.total_steps + 1)
+                    if t >= phase2.swa_start
+                    and (t - phase2.swa_start) % phase2.swa_every == 0)
+    logging.info('phase3: each replica contributes its SWA average of %d '
+                 'snapshots.', snapshots)
+    summary['phase2']['swa_snapshots'] = snapshots
+    state = state.replace(params=jax.jit(step_lib.swa_params)(state))
   avg = jax.jit(step_lib.average,
                 out_shardings=NamedSharding(phase2.mesh, P()))(
                     (state.params, state.batch_stats), jnp.asarray(weights))

@@ -95,3 +95,28 @@ def test_bn_recompute_of_a_model_without_bn_is_a_no_op():
       {}, {}, None, None, model=DenseBN(), num_batches=1,
       cfg=step_lib.StepConfig(1, 0, False, 0.0))
   assert got == {}
+
+
+def test_swa_running_sum_matches_snapshots_taken_by_hand():
+  arrays = helpers.synthetic_arrays(n_train=128, shape=(4, 4, 1))
+  model = DenseBN()
+  schedule, tx = helpers.sgd(peak=0.05, total=20)
+  keys = helpers.replica_keys(2, 2)
+  state = step_lib.init_replicas(model, tx, keys, jnp.zeros((1, 4, 4, 1)))
+  state = step_lib.with_swa(state)
+  data = pipeline.put(arrays, jax.devices()[0])
+  cfg = step_lib.StepConfig(batch_size=16, crop_padding=0, flip=False,
+                            label_smoothing=0.0, swa_every=3, swa_start=4)
+  step = jax.jit(lambda s, p: step_lib.train_step(
+      s, data, p, model=model, tx=tx, schedule=schedule, cfg=cfg))
+  perm = pipeline.permutations(state.key, 0, 128)
+  snapshots = []
+  for t in range(1, 12):
+    state, _ = step(state, perm)
+    if t >= 4 and (t - 4) % 3 == 0:      # steps 4, 7, 10
+      snapshots.append(jax.device_get(state.params))
+  np.testing.assert_array_equal(state.swa_count, [3, 3])
+  want = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *snapshots)
+  got = step_lib.swa_params(state)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

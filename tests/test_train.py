@@ -327,3 +327,17 @@ def test_two_processes_train_the_same_model_as_one(data_dir, tmp_path):
   assert summary['phase2']['steps'] == 4
   chex.assert_trees_all_close(_final_params(workdir), _final_params(one),
                               atol=1e-3, rtol=2e-3)
+
+
+def test_sequential_swa_is_phase2_with_one_averaging_replica(data_dir,
+                                                             tmp_path):
+  config = _kill_config(data_dir)
+  config.phase2.replicas = 1
+  config.phase2.batch_size = 64
+  config.phase2.epochs = 2.0            # 16 steps
+  config.phase2.swa_every_steps = 4
+  config.phase2.swa_start_epochs = 1.0  # from step 8: 8, 12, 16
+  summary = train.train_and_evaluate(config, tmp_path / 'w')
+  assert summary['phase2']['swa_snapshots'] == 3
+  assert summary['phase3']['averaged_replicas'] == 1
+  assert 0 < summary['final']['test_accuracy'] <= 1
