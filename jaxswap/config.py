@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'resnet9'         # 'resnet9' | 'tiny_cnn' | 'capsnet'
   c.model.width = 0.25
+  c.model.widths = config_dict.placeholder(tuple)  # ResNet-9's 4, or width
   c.model.bn_momentum = 0.9
   c.model.dtype = 'float32'
   # Capsule network layout, used when name == 'capsnet': the official
@@ -255,6 +256,22 @@ def mesh_shape(replicas: int, num_devices: int) -> tuple[int, int]:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(flatten(config), indent=1, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """The config a work directory's config.json was written from."""
+  flat = json.loads(text)
+  config = base_config()
+  for name, value in flat.items():
+    *parents, leaf = name.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    if isinstance(value, list):
+      value = tuple(value)
+    with node.ignore_type():
+      node[leaf] = value
+  return config
 
 
 def differences(saved: dict[str, Any], config: ml_collections.ConfigDict

@@ -62,7 +62,7 @@ def _parse_flags(argv):
 
 def _initialize_distributed():
   """jax.distributed.initialize, when the run spans several processes."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   if not (FLAGS.distributed or (FLAGS.num_processes or 1) > 1):
     return
   # Collectives between CPU devices of different processes go over gloo;
@@ -80,9 +80,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come before JAX starts.
-  from jaxswap import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxswap import train  # pylint: disable=g-import-not-at-top
-  from jaxswap.data import errors  # pylint: disable=g-import-not-at-top
+  from jaxswap import config as config_lib
+  from jaxswap import train
+  from jaxswap.data import errors
 
   _initialize_distributed()
   try:

@@ -82,7 +82,7 @@ class Progress:
     use_bar = mode == 'bar' or (mode == 'auto' and sys.stderr.isatty())
     self._bar = None
     if use_bar and enabled:
-      import tqdm  # pylint: disable=g-import-not-at-top
+      import tqdm
       self._bar = tqdm.tqdm(total=total, initial=start, desc=phase,
                             unit='step', dynamic_ncols=True, leave=True)
     self._t0 = None

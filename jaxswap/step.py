@@ -119,7 +119,7 @@ def loss_fn_for(cfg: StepConfig, step: jax.Array) -> Callable:
   if cfg.loss == 'cross_entropy':
     return lambda logits, labels: cross_entropy(
         logits, labels, logits.shape[-1], cfg.label_smoothing)
-  from jaxcaps import baselines  # pylint: disable=g-import-not-at-top
+  from jaxcaps import baselines
   if cfg.loss == 'margin':
     return baselines.margin_loss
   if cfg.loss == 'spread':

@@ -88,7 +88,7 @@ def make_mesh(replicas: int) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def _make_phase(config, name: str, n_train: int) -> Phase:
+def make_phase(config, name: str, n_train: int) -> Phase:
   pc = config[name]
   replicas = 1 if name == 'phase1' else pc.replicas
   if pc.batch_size > n_train:
@@ -116,6 +116,19 @@ def _make_phase(config, name: str, n_train: int) -> Phase:
                swa_start=int(round(pc.get('swa_start_epochs', 0.0) * spe)))
 
 
+def state_template(model, phase: Phase, sample: jax.Array):
+  """The abstract (W, ...) replica state of `phase`, sharded on its mesh."""
+  keys = _replica_keys(0, _INIT, phase.replicas)
+  shapes = jax.eval_shape(functools.partial(
+      step_lib.init_replicas, model, phase.tx), keys, sample)
+  if phase.swa_every:
+    shapes = jax.eval_shape(step_lib.with_swa, shapes)
+  rep = NamedSharding(phase.mesh, P('replica'))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      shapes)
+
+
 def _replica_keys(seed: int, phase_id: int, replicas: int) -> jax.Array:
   base = jax.random.fold_in(jax.random.PRNGKey(seed), phase_id)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(
@@ -129,7 +142,7 @@ def _prepare_workdir(workdir: pathlib.Path, config, overwrite: bool):
   for it, so that they never see its half-made work directory.
   """
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
     if jax.process_index() == 0:
       _check_and_write_workdir(workdir, config, overwrite)
     multihost_utils.sync_global_devices('jaxswap workdir ready')
@@ -263,6 +276,13 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
                     out_shardings=rep)
 
   start = meta.get('phase_step', 0)
+  # Metrics carry the run's wall time so far, over all phases.
+  offset = (meta.get('summary', {}).get('phase1', {}).get('seconds', 0.0)
+            if phase.name != 'phase1' else 0.0)
+
+  def clock(elapsed):
+    return offset + elapsed + time.perf_counter() - t0
+
   window = collections.deque(meta.get('window', []),
                              maxlen=phase.stop_window)
   elapsed = meta.get('elapsed', 0.0)
@@ -321,7 +341,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
     if done % tc.log_every == 0 or done == phase.total_steps:
       scalars = {f'{phase.name}/{k}': float(np.mean(v[good]))
                  for k, v in m.items()}
-      scalars['wall_time'] = elapsed + time.perf_counter() - t0
+      scalars['wall_time'] = clock(elapsed)
       if phase.replicas > 1:
         for k in ('loss', 'accuracy', 'lr'):
           for r in range(phase.replicas):
@@ -330,7 +350,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
     if eval_every and done % eval_every == 0:
       acc = run.evaluate(mesh, state.params, state.batch_stats, 'test')
       scalars = {f'{phase.name}/test_accuracy': float(np.mean(acc[good])),
-                 'wall_time': elapsed + time.perf_counter() - t0}
+                 'wall_time': clock(elapsed)}
       if phase.replicas > 1:
         scalars.update({f'{phase.name}/replica{r}/test_accuracy': acc[r]
                         for r in range(phase.replicas)})
@@ -379,7 +399,7 @@ def _log_phase_start(phase: Phase, start: int):
                f', resuming at step {start}' if start else '')
 
 
-def _load_data(config) -> tuple[Any, pipeline.DeviceData]:
+def load_data(config) -> tuple[Any, pipeline.DeviceData]:
   ds = sources.load(config.data)
   train_x, train_y, val_x, val_y = pipeline.split_validation(
       ds.train_images, ds.train_labels, config.data.validation_size,
@@ -411,9 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- Config, work directory and data: every check before compiling.
   config_lib.validate(config, jax.device_count())
   workdir = pathlib.Path(workdir)
-  dataset, arrays = _load_data(config)
-  phase1 = _make_phase(config, 'phase1', arrays.train_images.shape[0])
-  phase2 = (_make_phase(config, 'phase2', arrays.train_images.shape[0])
+  dataset, arrays = load_data(config)
+  phase1 = make_phase(config, 'phase1', arrays.train_images.shape[0])
+  phase2 = (make_phase(config, 'phase2', arrays.train_images.shape[0])
             if config.phase2.replicas else None)
   try:
     model = models.build(config, dataset.num_classes)
@@ -439,11 +459,11 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   analysis of each compiled step.
   """
   config_lib.validate(config, jax.device_count())
-  dataset, arrays = _load_data(config)
+  dataset, arrays = load_data(config)
   n = arrays.train_images.shape[0]
-  phases = [_make_phase(config, 'phase1', n)]
+  phases = [make_phase(config, 'phase1', n)]
   if config.phase2.replicas:
-    phases.append(_make_phase(config, 'phase2', n))
+    phases.append(make_phase(config, 'phase2', n))
   model = models.build(config, dataset.num_classes)
   run = _Run.__new__(_Run)
   run.config, run.arrays, run.model = config, arrays, model
@@ -488,7 +508,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _in_main_thread() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
+  import threading
   return threading.current_thread() is threading.main_thread()
 
 
@@ -497,15 +517,7 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
   sample = jnp.zeros((1,) + arrays_shape(run), run.dtype)
 
   def template(phase: Phase):
-    keys = _replica_keys(config.seed, _INIT, phase.replicas)
-    shapes = jax.eval_shape(functools.partial(
-        step_lib.init_replicas, run.model, phase.tx), keys, sample)
-    if phase.swa_every:
-      shapes = jax.eval_shape(step_lib.with_swa, shapes)
-    rep = NamedSharding(phase.mesh, P('replica'))
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-        shapes)
+    return state_template(run.model, phase, sample)
 
   def template_for(meta):
     return {'phase1': lambda: template(phase1),
@@ -537,7 +549,7 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
       logging.info('Model %s: %s parameters.', config.model.name,
                    f'{n_params:,}')
       if config.model.name == 'capsnet':
-        from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+        from jaxcaps import model as capsnet
         logging.info('Parameters per layer:\n%s',
                      capsnet.parameter_summary(state.params)[1])
     if not meta.get('complete'):
@@ -653,7 +665,8 @@ def _finish(run: _Run, summary, mesh, params, batch_stats, ckpt_step):
       if p in summary)
   meta = {'phase': 'done', 'complete': True, 'summary': summary}
   run.save(ckpt_step, {'params': params, 'batch_stats': batch_stats}, meta)
-  run.writer.write_scalars(ckpt_step, {'final/test_accuracy': test[0]})
+  run.writer.write_scalars(ckpt_step, {
+      'final/test_accuracy': test[0], 'wall_time': summary['total_seconds']})
   if run.is_main:
     path = run.workdir / 'summary.json'
     tmp = path.with_suffix('.json.tmp')

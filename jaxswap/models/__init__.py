@@ -20,13 +20,14 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
   m = config.model
   dtype = jnp.dtype(m.dtype)
   if m.name == 'resnet9':
-    return ResNet9(num_classes=num_classes, width=m.width,
+    widths = tuple(m.widths) if m.widths else None
+    return ResNet9(num_classes=num_classes, width=m.width, widths=widths,
                    bn_momentum=m.bn_momentum, dtype=dtype)
   if m.name == 'tiny_cnn':
     return TinyCNN(num_classes=num_classes, width=m.width,
                    bn_momentum=m.bn_momentum, dtype=dtype)
   if m.name == 'capsnet':
-    from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+    from jaxcaps import model as capsnet
     return capsnet.from_config(m.capsule, num_classes,
                                bn_momentum=m.bn_momentum)
   raise ValueError(f'config.model.name={m.name!r} is unknown; choose one '

@@ -46,6 +46,9 @@ class ResNet9(nn.Module):
   Attributes:
     num_classes: size of the output layer.
     width: multiplier of the base widths (64, 128, 256, 512).
+    widths: the four widths themselves, instead of `width`; on a CPU the
+      early, high-resolution layers cost the most, so they can be kept
+      narrow while the late ones carry the capacity.
     bn_momentum: running-average momentum of every BatchNorm; the BN
       recompute clones the model with 0.0 to read plain batch statistics.
     logit_scale: the original multiplies the logits by 0.125.
@@ -53,13 +56,15 @@ class ResNet9(nn.Module):
   """
   num_classes: int
   width: float = 1.0
+  widths: tuple[int, ...] | None = None
   bn_momentum: float = 0.9
   logit_scale: float = 0.125
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    c = [max(1, int(round(w * self.width))) for w in (64, 128, 256, 512)]
+    c = self.widths or [max(1, int(round(w * self.width)))
+                        for w in (64, 128, 256, 512)]
     block = functools.partial(ConvBN, bn_momentum=self.bn_momentum,
                               dtype=self.dtype)
     pool = max_pool_2x2

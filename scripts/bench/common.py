@@ -74,29 +74,37 @@ def xla_memory_mib(compiled) -> dict[str, float]:
 
 
 def interleave(contenders: dict[str, Callable[[], Any]], rounds: int,
-               warmup: int = 1, calls: int = 1) -> dict[str, list[float]]:
+               warmup: int = 1, min_sample_s: float = 0.3
+               ) -> dict[str, list[float]]:
   """Seconds per call of each contender, timed in turn, round by round.
 
   Args:
     contenders: name -> a function that runs one call to completion (it
       must block until the result is ready).
-    rounds: timed rounds; each round calls every contender `calls` times.
-    warmup: untimed calls of each contender first.
-    calls: calls per contender per round, averaged into one sample.
+    rounds: timed rounds; each round times every contender once.
+    warmup: untimed calls of each contender first; the last one also sets
+      how many calls make one sample.
+    min_sample_s: a sample repeats a fast contender until it lasts about
+      this long, so that timer and dispatch noise stay small.
 
   Returns:
     name -> one sample (seconds per call) per round.
   """
-  for fn in contenders.values():
-    for _ in range(warmup):
+  calls = {}
+  for name, fn in contenders.items():
+    seconds = 0.0
+    for _ in range(max(1, warmup)):
+      start = time.perf_counter()
       fn()
+      seconds = time.perf_counter() - start
+    calls[name] = max(1, min(50, round(min_sample_s / max(seconds, 1e-6))))
   times = {name: [] for name in contenders}
   for _ in range(rounds):
     for name, fn in contenders.items():
       start = time.perf_counter()
-      for _ in range(calls):
+      for _ in range(calls[name]):
         fn()
-      times[name].append((time.perf_counter() - start) / calls)
+      times[name].append((time.perf_counter() - start) / calls[name])
   return times
 
 

@@ -63,7 +63,7 @@ def optimizer(model: nn.Module, lr: float = 0.1) -> torch.optim.Optimizer:
 def make_step(model: nn.Module, opt: torch.optim.Optimizer,
               label_smoothing: float = 0.0, forward=None):
   """One SGD step on (x, y); `forward` may be a torch.compile'd model."""
-  forward = forward or model
+  forward = model if forward is None else forward
 
   def step(x, y):
     opt.zero_grad(set_to_none=True)
