@@ -196,6 +196,7 @@ class _Run:
                                         config.train.keep_checkpoints)
     self.dtype = jnp.dtype(config.model.dtype)
     self.preempted = False
+    self._data, self._eval_fns = {}, {}
 
   def on_sigterm(self, signum, frame):
     del signum, frame
@@ -203,7 +204,12 @@ class _Run:
     self.preempted = True
 
   def data_on(self, mesh) -> pipeline.DeviceData:
-    return pipeline.put(self.arrays, NamedSharding(mesh, P()))
+    """The data set, replicated on `mesh` (placed once per mesh)."""
+    cache = self._data
+    if mesh not in cache:
+      cache.clear()  # One mesh's copy at a time.
+      cache[mesh] = pipeline.put(self.arrays, NamedSharding(mesh, P()))
+    return cache[mesh]
 
   def unroll(self, mesh, replicas: int) -> bool:
     """Whether to unroll the replicas on a device (see over_replicas)."""
@@ -236,11 +242,14 @@ class _Run:
       return None
     data = self.data_on(mesh)
     replicas = jax.tree.leaves(params)[0].shape[0]
-    fn = jax.jit(functools.partial(
-        step_lib.evaluate, model=self.model,
-        batch_size=self.config.eval.batch_size, dtype=self.dtype,
-        mesh=mesh, unroll=self.unroll(mesh, replicas)),
-                 out_shardings=NamedSharding(mesh, P()))
+    cache = self._eval_fns
+    if (mesh, replicas) not in cache:
+      cache[mesh, replicas] = jax.jit(functools.partial(
+          step_lib.evaluate, model=self.model,
+          batch_size=self.config.eval.batch_size, dtype=self.dtype,
+          mesh=mesh, unroll=self.unroll(mesh, replicas)),
+                                      out_shardings=NamedSharding(mesh, P()))
+    fn = cache[mesh, replicas]
     correct, _ = fn(params, batch_stats, getattr(data, f'{split}_images'),
                     getattr(data, f'{split}_labels'), data.mean, data.std)
     return np.asarray(jax.device_get(correct)) / images.shape[0]

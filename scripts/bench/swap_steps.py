@@ -23,9 +23,12 @@ from jaxswap import step as step_lib
 from jaxswap.data import pipeline
 from jaxswap.models.resnet9 import ResNet9
 
-# The option that turns XLA:CPU's YNNPACK fusions off (see benchmarks.md):
-# convolutions then go to the older Eigen kernels.
+# XLA:CPU hands convolutions, reductions and some dots to YNNPACK fusions
+# by default. NO_YNN turns them all off (convolutions then run on Eigen);
+# YNN_REDUCE keeps YNNPACK for the reductions only (see benchmarks.md).
 NO_YNN = {'xla_cpu_experimental_ynn_fusion_type': ''}
+YNN_REDUCE = {'xla_cpu_experimental_ynn_fusion_type':
+              'LIBRARY_FUSION_TYPE_REDUCE'}
 
 
 def synthetic_arrays(n: int, shape: tuple[int, int, int], classes: int = 10,

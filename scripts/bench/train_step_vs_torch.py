@@ -7,9 +7,12 @@ in one process:
   ours, pipeline   `jaxswap.step.train_step` as the trainer jits it: gathers,
                    crops, flips and normalizes its batch on the device;
   ours, ready      the same step fed a uint8 batch already on the device;
-  ... no YNN       the same two compiled with XLA:CPU's YNNPACK fusions off;
-  torch eager      `torch_resnet9.ResNet9`, channels-last;
-  torch.compile    the same model through torch.compile (inductor).
+  ... YNN reduce   the same two compiled with XLA:CPU's YNNPACK fusions
+                   kept for reductions only (convolutions go to Eigen);
+  torch eager      `torch_resnet9.ResNet9`, channels-last, with 2 threads
+                   (all cores) and with 1;
+  torch.compile    the same model through torch.compile (inductor), 1
+                   thread.
 
 Then it looks into what XLA:CPU does: compiler options, NCHW against NHWC,
 the pooling gradient, BatchNorm's share and bfloat16 on one setting, and the
@@ -52,7 +55,7 @@ except ImportError:
 COLUMNS = [('width', 'width', ''), ('input', 'input', ''),
            ('contender', 'contender', ''),
            ('images_per_s', 'images/s', ',.0f'),
-           ('vs_torch', 'ours / torch eager', '.2f'),
+           ('vs_torch', 'vs best torch eager', '.2f'),
            ('spread', 'spread', '.0%')]
 
 
@@ -67,11 +70,14 @@ def parse_args(argv=None):
   p.add_argument('--torch_compile', default='on', choices=['on', 'off'])
   p.add_argument('--xla_width', type=float, default=0.25)
   p.add_argument('--xla_input', default='28x28x1')
+  p.add_argument('--xla_batch', type=int, default=256)
   p.add_argument('--xla_rounds', type=int, default=3)
-  p.add_argument('--conv_batch', type=int, default=64)
+  p.add_argument('--conv_configs', nargs='+',
+                 default=['1.0:32x32x3:64', '0.25:28x28x1:512'],
+                 help='width:HxWxC:batch of the convolution timings')
   p.add_argument('--sections', nargs='+',
-                 default=['parity', 'main', 'xla', 'convs'],
-                 choices=['parity', 'main', 'xla', 'convs'])
+                 default=['matmul', 'parity', 'main', 'xla', 'convs'],
+                 choices=['matmul', 'parity', 'main', 'xla', 'convs'])
   p.add_argument('--out', default=None, help='JSON file to write')
   return p.parse_args(argv)
 
@@ -179,10 +185,11 @@ def select_and_scatter_pool(x):
 # --------------------------------------------------------------- contenders
 
 
-def torch_contender(width, shape, batch, channels_last=True,
+def torch_contender(width, shape, batch, threads, channels_last=True,
                     compiled=False):
-  """A callable running one torch step to completion, or an error string."""
+  """A callable running one torch step to completion with `threads`."""
   h, w, c = shape
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = torch_resnet9.ResNet9(c, 10, width)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -192,7 +199,11 @@ def torch_contender(width, shape, batch, channels_last=True,
   y = torch.randint(0, 10, (batch,))
   forward = torch.compile(model) if compiled else model
   step = torch_resnet9.make_step(model, opt, forward=forward)
-  return lambda: step(x, y).item()
+
+  def run():
+    torch.set_num_threads(threads)
+    return step(x, y).item()
+  return run
 
 
 def rate(times, images):
@@ -201,28 +212,33 @@ def rate(times, images):
 
 def run_main(args):
   rows = []
+  cores = len(os.sched_getaffinity(0))
   for width in args.widths:
     for text in args.inputs:
       shape = shape_of(text)
       model = swap_steps.resnet9(width)
       contenders = {}
       build = functools.partial(swap_steps.PhaseStep, model, 1, args.batch,
-                                shape)
+                                shape, n_train=max(4096, 4 * args.batch))
       contenders['ours, pipeline'] = build()
       contenders['ours, ready batch'] = build(ready=True)
-      contenders['ours, pipeline, no YNN'] = build(
-          compiler_options=swap_steps.NO_YNN)
-      contenders['ours, ready batch, no YNN'] = build(
-          ready=True, compiler_options=swap_steps.NO_YNN)
+      contenders['ours, pipeline, YNN reduce only'] = build(
+          compiler_options=swap_steps.YNN_REDUCE)
+      contenders['ours, ready batch, YNN reduce only'] = build(
+          ready=True, compiler_options=swap_steps.YNN_REDUCE)
       notes = {}
+      eager = []
       if torch is not None:
-        contenders['torch eager (channels-last)'] = torch_contender(
-            width, shape, args.batch)
+        for threads in sorted({cores, 1}, reverse=True):
+          name = f'torch eager, {threads} thread{"s" * (threads > 1)}'
+          contenders[name] = torch_contender(width, shape, args.batch,
+                                             threads)
+          eager.append(name)
         if args.torch_compile == 'on':
-          name = 'torch.compile (channels-last)'
+          name = 'torch.compile, 1 thread'
           start = time.perf_counter()
           try:
-            fn = torch_contender(width, shape, args.batch, compiled=True)
+            fn = torch_contender(width, shape, args.batch, 1, compiled=True)
             fn()  # Compiles, forward and backward.
             contenders[name] = fn
             notes[name] = f'compiled in {time.perf_counter() - start:.0f} s'
@@ -234,55 +250,45 @@ def run_main(args):
             f'{len(contenders)} contenders x {args.rounds} rounds',
             flush=True)
       times = common.interleave(contenders, args.rounds)
-      torch_rate = (rate(times['torch eager (channels-last)'], args.batch)
-                    if 'torch eager (channels-last)' in times else None)
+      best_eager = max((rate(times[n], args.batch) for n in eager),
+                       default=None)
       for name, t in times.items():
         r = rate(t, args.batch)
         rows.append(dict(width=width, input=text, contender=name,
                          images_per_s=r, seconds=common.median(t),
                          samples=t, spread=common.spread(t),
-                         vs_torch=r / torch_rate if torch_rate else None,
+                         vs_torch=r / best_eager if best_eager else None,
                          note=notes.get(name)))
-      for row in rows[-len(times):]:
-        print(f'  {row["contender"]:32s} {row["images_per_s"]:8.0f} img/s',
-              flush=True)
+        print(f'  {name:36s} {r:8.0f} img/s', flush=True)
   return rows
 
 
 def run_xla(args):
   """Compiler options and model variants, all fed a ready batch."""
   shape = shape_of(args.xla_input)
-  width, batch = args.xla_width, args.batch
+  width, batch = args.xla_width, args.xla_batch
   model = swap_steps.resnet9(width)
-  build = functools.partial(swap_steps.PhaseStep, model, 1, batch, shape,
-                            ready=True)
+  bf16 = swap_steps.resnet9(width, dtype=jnp.bfloat16)
+  nchw = ResNet9NCHW(10, width)
+  pool = dict(max_pool_2x2=select_and_scatter_pool)
+  affine = dict(ConvBN=_ConvAffine)
+  no, red = swap_steps.NO_YNN, swap_steps.YNN_REDUCE
   variants = [
       ('default (YNNPACK fusions on)', {}, None, None),
-      ('no YNN (xla_cpu_experimental_ynn_fusion_type=)', swap_steps.NO_YNN,
+      ('no YNN fusions', no, None, None),
+      ('YNN for reductions only', red, None, None),
+      ('xla_cpu_enable_fast_math', {'xla_cpu_enable_fast_math': True},
        None, None),
-      ('xla_cpu_enable_fast_math', {'xla_cpu_enable_fast_math': True}, None,
-       None),
       ('xla_cpu_use_onednn', {'xla_cpu_use_onednn': True}, None, None),
       ('xla_cpu_use_xnnpack', {'xla_cpu_use_xnnpack': True}, None, None),
-      ('oneDNN conv fusion, no YNN', dict(
-          swap_steps.NO_YNN,
-          xla_cpu_experimental_onednn_fusion_type=
-          'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'), None, None),
-      ('NCHW model', {}, ResNet9NCHW(10, width), None),
-      ('NCHW model, no YNN', swap_steps.NO_YNN, ResNet9NCHW(10, width),
-       None),
-      ('select-and-scatter pool', {}, None,
-       dict(max_pool_2x2=select_and_scatter_pool)),
-      ('select-and-scatter pool, no YNN', swap_steps.NO_YNN, None,
-       dict(max_pool_2x2=select_and_scatter_pool)),
-      ('BN replaced by affine (not same numbers)', {}, None,
-       dict(ConvBN=_ConvAffine)),
-      ('BN replaced by affine, no YNN', swap_steps.NO_YNN, None,
-       dict(ConvBN=_ConvAffine)),
-      ('bfloat16 compute (not same numbers)', {},
-       swap_steps.resnet9(width, dtype=jnp.bfloat16), None),
-      ('bfloat16 compute, no YNN', swap_steps.NO_YNN,
-       swap_steps.resnet9(width, dtype=jnp.bfloat16), None),
+      ('NCHW model', {}, nchw, None),
+      ('NCHW model, YNN reduce only', red, nchw, None),
+      ('select-and-scatter pool', {}, None, pool),
+      ('select-and-scatter pool, YNN reduce only', red, None, pool),
+      ('BN -> affine (not same numbers)', {}, None, affine),
+      ('BN -> affine, YNN reduce only', red, None, affine),
+      ('bfloat16 compute (not same numbers)', {}, bf16, None),
+      ('bfloat16 compute, YNN reduce only', red, bf16, None),
   ]
   contenders, info = {}, {}
   for name, options, variant, patch in variants:
@@ -296,19 +302,18 @@ def run_xla(args):
     text = step.compiled.as_text()
     info[name] = {
         'options': options,
-        'library_fusions': sorted(set(re.findall(r'"kind":"(__\w+)"',
-                                                 text))),
+        'ynn_fusions': text.count('"kind":"__ynn_fusion"'),
         'convolutions': text.count(' convolution('),
-        'select_and_scatter': text.count('select-and-scatter('),
-        'transposes': text.count(' transpose('),
+        'select_and_scatter': text.count(' select-and-scatter('),
     }
     contenders[name] = step
   if torch is not None:
-    contenders['torch eager, channels-last'] = torch_contender(
-        width, shape, batch)
-    contenders['torch eager, NCHW'] = torch_contender(
-        width, shape, batch, channels_last=False)
-  print(f'[xla] width {width} input {args.xla_input}: timing '
+    for threads, cl in ((1, True), (2, True), (1, False)):
+      name = (f'torch eager, {"channels-last" if cl else "NCHW"}, '
+              f'{threads} thread{"s" * (threads > 1)}')
+      contenders[name] = torch_contender(width, shape, batch, threads,
+                                         channels_last=cl)
+  print(f'[xla] width {width} input {args.xla_input} batch {batch}: timing '
         f'{len(contenders)} variants x {args.xla_rounds} rounds', flush=True)
   times = common.interleave(contenders, args.xla_rounds)
   base = rate(times['default (YNNPACK fusions on)'], batch)
@@ -318,20 +323,25 @@ def run_xla(args):
     rows.append(dict(variant=name, images_per_s=r, vs_default=r / base,
                      spread=common.spread(t), samples=t,
                      **info.get(name, {})))
-    print(f'  {name:48s} {r:8.0f} img/s  x{r / base:.2f}', flush=True)
+    print(f'  {name:44s} {r:8.0f} img/s  x{r / base:.2f}', flush=True)
   for name, i in info.items():
     if 'note' in i:
       rows.append(dict(variant=name, **i))
   return rows
 
 
+def conv_layers(width, shape):
+  """(name, spatial size, in, out, count in the net) of every 3x3 conv."""
+  c = [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
+  h, _, cin = shape
+  return [('prep', h, cin, c[0], 1), ('layer1', h, c[0], c[1], 1),
+          ('res1', h // 2, c[1], c[1], 2), ('layer2', h // 2, c[1], c[2], 1),
+          ('layer3', h // 4, c[2], c[3], 1),
+          ('res3', h // 8, c[3], c[3], 2)]
+
+
 def run_convs(args):
   """Each layer's forward, input-gradient and weight-gradient convolution."""
-  b = args.conv_batch
-  layers = [('layer1', 32, 64, 128), ('res1', 16, 128, 128),
-            ('layer2', 16, 128, 256), ('layer3', 8, 256, 512),
-            ('res3', 4, 512, 512)]
-
   def conv(x, w):
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -340,53 +350,95 @@ def run_convs(args):
   dx = lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
   dw = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
   rows = []
-  for name, s, ci, co in layers:
-    keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (b, s, s, ci))
-    w = jax.random.normal(keys[1], (3, 3, ci, co)) * 0.05
-    dy = jax.random.normal(keys[2], (b, s, s, co))
-    contenders = {}
-    for part, fn, a in (('fwd', fwd, (x, w)), ('dx', dx, (x, w, dy)),
-                        ('dw', dw, (x, w, dy))):
-      for lib, options in (('ynn', {}), ('eigen', swap_steps.NO_YNN)):
-        c = jax.jit(fn).lower(*a).compile(compiler_options=options)
-        contenders[f'{lib}/{part}'] = (
-            lambda c=c, a=a: jax.block_until_ready(c(*a)))
-    if torch is not None:
-      cl = torch.channels_last
-      tx = torch.randn(b, ci, s, s).contiguous(memory_format=cl)
-      tw = (torch.randn(co, ci, 3, 3) * 0.05).contiguous(memory_format=cl)
-      tdy = torch.randn(b, co, s, s).contiguous(memory_format=cl)
+  for spec in args.conv_configs:
+    width, text, b = spec.split(':')
+    width, b = float(width), int(b)
+    totals = dict(layer='whole net', shape=f'width {width:g}, {text}, '
+                  f'batch {b}')
+    for name, s, ci, co, count in conv_layers(width, shape_of(text)):
+      keys = jax.random.split(jax.random.key(0), 3)
+      x = jax.random.normal(keys[0], (b, s, s, ci))
+      w = jax.random.normal(keys[1], (3, 3, ci, co)) * 0.05
+      dy = jax.random.normal(keys[2], (b, s, s, co))
+      contenders = {}
+      for part, fn, a in (('fwd', fwd, (x, w)), ('dx', dx, (x, w, dy)),
+                          ('dw', dw, (x, w, dy))):
+        for lib, options in (('ynn', {}), ('eigen', swap_steps.NO_YNN)):
+          c = jax.jit(fn).lower(*a).compile(compiler_options=options)
+          contenders[f'{lib}/{part}'] = (
+              lambda c=c, a=a: jax.block_until_ready(c(*a)))
+      if torch is not None:
+        cl = torch.channels_last
+        tx = torch.randn(b, ci, s, s).contiguous(memory_format=cl)
+        tw = (torch.randn(co, ci, 3, 3) * 0.05).contiguous(memory_format=cl)
+        tdy = torch.randn(b, co, s, s).contiguous(memory_format=cl)
 
-      def t_fwd():
-        with torch.no_grad():
-          torch.nn.functional.conv2d(tx, tw, padding=1)
-      contenders['torch/fwd'] = t_fwd
-      contenders['torch/dx'] = lambda: torch.nn.grad.conv2d_input(
-          tx.shape, tw, tdy, padding=1)
-      contenders['torch/dw'] = lambda: torch.nn.grad.conv2d_weight(
-          tx, tw.shape, tdy, padding=1)
-    times = common.interleave(contenders, 3, min_sample_s=0.2)
-    gflop = 2 * b * s * s * 9 * ci * co / 1e9
-    row = dict(layer=name, shape=f'{b}x{s}x{s}x{ci}->{co}', gflop=gflop)
-    for k, t in times.items():
-      row[k.replace('/', '_') + '_ms'] = 1000 * common.median(t)
-      row[k.replace('/', '_') + '_gflops'] = gflop / common.median(t)
-    rows.append(row)
-    print(f'[convs] {name}: ' + ' '.join(
-        f'{k}={1000 * common.median(t):.1f}ms' for k, t in times.items()),
-          flush=True)
+        def t_fwd():
+          torch.set_num_threads(1)
+          with torch.no_grad():
+            torch.nn.functional.conv2d(tx, tw, padding=1)
+
+        def t_dx():
+          torch.set_num_threads(1)
+          torch.nn.grad.conv2d_input(tx.shape, tw, tdy, padding=1)
+
+        def t_dw():
+          torch.set_num_threads(1)
+          torch.nn.grad.conv2d_weight(tx, tw.shape, tdy, padding=1)
+        contenders.update({'torch1/fwd': t_fwd, 'torch1/dx': t_dx,
+                           'torch1/dw': t_dw})
+      times = common.interleave(contenders, 3, min_sample_s=0.2)
+      gflop = 2 * b * s * s * 9 * ci * co / 1e9
+      row = dict(layer=name, shape=f'{b}x{s}x{s}x{ci}->{co}', gflop=gflop)
+      for k, t in times.items():
+        key = k.replace('/', '_') + '_ms'
+        row[key] = 1000 * common.median(t)
+        # The first layer's input gradient is never needed in training.
+        if not (name == 'prep' and k.endswith('dx')):
+          totals[key] = totals.get(key, 0.0) + count * row[key]
+      rows.append(row)
+      print(f'[convs] {spec} {name}: ' + ' '.join(
+          f'{k}={1000 * common.median(t):.1f}ms' for k, t in times.items()),
+            flush=True)
+    for lib in ('ynn', 'eigen', 'torch1'):
+      if f'{lib}_fwd_ms' in totals:
+        totals[f'{lib}_dw_over_fwd'] = (totals[f'{lib}_dw_ms']
+                                        / totals[f'{lib}_fwd_ms'])
+    rows.append(totals)
+  return rows
+
+
+def run_matmul(args):
+  """What this machine gives a large float32 matmul now, both libraries."""
+  del args
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  mm = jax.jit(lambda a: a @ a)
+  contenders = {'jax': lambda: jax.block_until_ready(mm(a))}
+  if torch is not None:
+    ta = torch.randn(n, n)
+    cores = len(os.sched_getaffinity(0))
+    for threads in sorted({cores, 1}, reverse=True):
+      def mm_torch(threads=threads):
+        torch.set_num_threads(threads)
+        return ta @ ta
+      contenders[f'torch, {threads} thread{"s" * (threads > 1)}'] = mm_torch
+  times = common.interleave(contenders, 3)
+  rows = [dict(library=k, gflops=2 * n ** 3 / common.median(t) / 1e9)
+          for k, t in times.items()]
+  print('[matmul] ' + ', '.join(f'{r["library"]} {r["gflops"]:.0f} GFLOP/s'
+                                for r in rows), flush=True)
   return rows
 
 
 def run_parity(args):
-  """The torch net computes our numbers; no YNN keeps our trajectory."""
+  """The torch net computes our numbers; YNN_REDUCE keeps our trajectory."""
   out = {}
   shape, width, b = (32, 32, 3), 0.25, 64
   model = swap_steps.resnet9(width)
   a = swap_steps.PhaseStep(model, 1, b, shape, ready=True)
   z = swap_steps.PhaseStep(model, 1, b, shape, ready=True,
-                           compiler_options=swap_steps.NO_YNN)
+                           compiler_options=swap_steps.YNN_REDUCE)
   params0 = jax.device_get(jax.tree.map(lambda v: v[0], a.state.params))
   stats0 = jax.device_get(jax.tree.map(lambda v: v[0], a.state.batch_stats))
   losses_a, losses_z = [], []
@@ -399,10 +451,10 @@ def run_parity(args):
       jax.tree.leaves(a.state.params), jax.tree.leaves(z.state.params)))
   scale = max(float(jnp.max(jnp.abs(p)))
               for p in jax.tree.leaves(a.state.params))
-  out['no_ynn_vs_default'] = dict(
-      steps=5, losses_default=losses_a, losses_no_ynn=losses_z,
+  out['ynn_reduce_vs_default'] = dict(
+      steps=5, losses_default=losses_a, losses_ynn_reduce=losses_z,
       max_abs_param_diff=diff, max_abs_param=scale)
-  print(f'[parity] default vs no YNN after 5 steps: max |param diff| '
+  print(f'[parity] default vs YNN reduce only after 5 steps: max |param diff| '
         f'{diff:.2e} (max |param| {scale:.2f}); losses '
         f'{losses_a[-1]:.6f} vs {losses_z[-1]:.6f}', flush=True)
 
@@ -452,6 +504,10 @@ def run_parity(args):
 
 def report(results) -> str:
   parts = []
+  if 'matmul' in results:
+    parts.append('### 2048x2048 float32 matmul, GFLOP/s\n')
+    parts.append(common.table(results['matmul'], [
+        ('library', 'library', ''), ('gflops', 'GFLOP/s', ',.0f')]) + '\n')
   if 'main' in results:
     parts.append('### One SGD step, images/s (median of the rounds)\n')
     parts.append(common.table(results['main'], COLUMNS))
@@ -465,17 +521,19 @@ def report(results) -> str:
     parts.append(common.table(results['xla'], [
         ('variant', 'variant', ''), ('images_per_s', 'images/s', ',.0f'),
         ('vs_default', 'vs default', '.2f'),
-        ('library_fusions', 'library fusions', ''),
+        ('ynn_fusions', 'YNN fusions', 'd'),
         ('convolutions', 'convs', 'd'),
         ('select_and_scatter', 'sel.-scatter', 'd'),
         ('spread', 'spread', '.0%'), ('note', 'note', '')]))
   if 'convs' in results:
-    parts.append('\n### One convolution, ms (batch %d, full width)\n'
-                 % results['args']['conv_batch'])
+    parts.append('\n### One convolution, ms (ynn: XLA default, eigen: '
+                 'XLA without YNN, torch1: PyTorch 1 thread)\n')
     cols = [('layer', 'layer', ''), ('shape', 'shape', '')]
     for part in ('fwd', 'dx', 'dw'):
-      for lib in ('ynn', 'eigen', 'torch'):
+      for lib in ('ynn', 'eigen', 'torch1'):
         cols.append((f'{lib}_{part}_ms', f'{lib} {part}', '.1f'))
+    for lib in ('ynn', 'eigen', 'torch1'):
+      cols.append((f'{lib}_dw_over_fwd', f'{lib} dw/fwd', '.1f'))
     parts.append(common.table(results['convs'], cols))
   if 'parity' in results:
     p = results['parity']
@@ -486,13 +544,14 @@ def report(results) -> str:
                    f'{t["loss_ours"]:.6f} vs {t["loss_torch"]:.6f}, '
                    f'layer1 kernel gradient max relative difference '
                    f'{t["layer1_grad_max_rel_diff"]:.1e}')
-    n = p['no_ynn_vs_default']
-    parts.append(f'- default vs no YNN, {n["steps"]} steps from the same '
+    n = p['ynn_reduce_vs_default']
+    parts.append(f'- default vs YNN reduce only, {n["steps"]} steps from '
+                 'the same '
                  f'state: max |param difference| '
                  f'{n["max_abs_param_diff"]:.1e} (largest |param| '
                  f'{n["max_abs_param"]:.2f}); last loss '
                  f'{n["losses_default"][-1]:.6f} vs '
-                 f'{n["losses_no_ynn"][-1]:.6f}')
+                 f'{n["losses_ynn_reduce"][-1]:.6f}')
     parts.append(f'- NCHW model initializes to the same variables: '
                  f'{p["nchw_init_equals_nhwc"]}')
   return '\n'.join(parts)
@@ -507,7 +566,7 @@ def main():
   if torch is None:
     print('torch is not installed (pip install torch, or the bench extra);'
           ' timing our step alone.')
-  runners = {'parity': run_parity, 'main': run_main, 'xla': run_xla,
+  runners = {'matmul': run_matmul, 'parity': run_parity, 'main': run_main, 'xla': run_xla,
              'convs': run_convs}
   for section in args.sections:
     start = time.perf_counter()
