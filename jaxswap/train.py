@@ -269,7 +269,8 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   """Trains `state` through `phase` from meta['phase_step'] on.
 
   Returns:
-    (state, info) with info the phase's entry of the summary.
+    (state, info, meta): info is the phase's entry of the summary, meta the
+    cursor of its last checkpoint.
   """
   mesh = phase.mesh
   rep = NamedSharding(mesh, P('replica'))

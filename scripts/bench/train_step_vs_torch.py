@@ -65,9 +65,11 @@ def parse_args(argv=None):
   p.add_argument('--widths', type=float, nargs='+', default=[1.0, 0.25])
   p.add_argument('--inputs', nargs='+', default=['32x32x3', '28x28x1'],
                  help='HxWxC image shapes')
-  p.add_argument('--rounds', type=int, default=3,
+  p.add_argument('--rounds', type=int, default=2,
                  help='interleaved timed rounds of every contender')
-  p.add_argument('--torch_compile', default='on', choices=['on', 'off'])
+  p.add_argument('--torch_compile_max_width', type=float, default=0.25,
+                 help='torch.compile the widths up to this (-1: none); '
+                 'inductor takes minutes to compile the full width here')
   p.add_argument('--xla_width', type=float, default=0.25)
   p.add_argument('--xla_input', default='28x28x1')
   p.add_argument('--xla_batch', type=int, default=256)
@@ -234,7 +236,7 @@ def run_main(args):
           contenders[name] = torch_contender(width, shape, args.batch,
                                              threads)
           eager.append(name)
-        if args.torch_compile == 'on':
+        if width <= args.torch_compile_max_width:
           name = 'torch.compile, 1 thread'
           start = time.perf_counter()
           try:
