@@ -45,7 +45,7 @@ def parse_args(argv=None):
   p.add_argument('--backbones', nargs='+', default=['simple', 'resnet'])
   p.add_argument('--batch-sizes', nargs='+', type=int, default=[32, 128],
                  help='of both steps')
-  p.add_argument('--eval-batch-sizes', nargs='+', type=int, default=[100],
+  p.add_argument('--eval-batch-sizes', nargs='*', type=int, default=[100],
                  help='more eval batch sizes (100 is the official one)')
   p.add_argument('--steps', nargs='+', choices=STEPS, default=list(STEPS))
   p.add_argument('--conv-impls', nargs='+', default=['chunked'],

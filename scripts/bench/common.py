@@ -81,7 +81,8 @@ def interleave(contenders: dict[str, Callable[[], Any]], rounds: int,
   Args:
     contenders: name -> a function that runs one call to completion (it
       must block until the result is ready).
-    rounds: timed rounds; each round times every contender once.
+    rounds: timed rounds; each round times every contender once, the
+      order rotating by one each round.
     warmup: untimed calls of each contender first; the last one also sets
       how many calls make one sample.
     min_sample_s: a sample repeats a fast contender until it lasts about
@@ -99,8 +100,12 @@ def interleave(contenders: dict[str, Callable[[], Any]], rounds: int,
       seconds = time.perf_counter() - start
     calls[name] = max(1, min(50, round(min_sample_s / max(seconds, 1e-6))))
   times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, fn in contenders.items():
+  names = list(contenders)
+  for r in range(rounds):
+    # Each round starts one contender later, so that none is always the
+    # one timed right after another's threads went idle.
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = contenders[name]
       start = time.perf_counter()
       for _ in range(calls[name]):
         fn()

@@ -12,8 +12,9 @@ one phase-2 step of all W replicas, interleaved, three ways:
   separate  one replica's step, called W times one after another.
 
 and reports images/s per replica (W * batch / time, divided by W), XLA's
-compiled peak memory, and the peak resident memory of a process that only
-compiles and runs that one setting (--rss on: one more subprocess each).
+compiled peak memory, the peak resident memory of the process that timed
+all modes of a W, and (for --rss_devices) that of a process that only
+compiles and runs one mode.
 
   python scripts/bench/replicas.py --out /tmp/replicas.json
 """
@@ -40,9 +41,10 @@ def parse_args(argv=None):
                  help='examples per replica per step (the phase-2 batch)')
   p.add_argument('--width', type=float, default=0.25)
   p.add_argument('--input', default='28x28x1')
-  p.add_argument('--rounds', type=int, default=3)
-  p.add_argument('--rss', default='on', choices=['on', 'off'],
-                 help='peak RSS of each setting in a process of its own')
+  p.add_argument('--rounds', type=int, default=2)
+  p.add_argument('--rss_devices', type=int, nargs='*', default=[1],
+                 help='device counts whose settings each get a process of '
+                 'their own for their peak RSS (each compiles again)')
   p.add_argument('--timeout', type=float, default=900)
   p.add_argument('--out', default=None)
   p.add_argument('--child', default=None, help=argparse.SUPPRESS)
@@ -69,7 +71,7 @@ def child_time(setting):
   w = setting['replicas']
   steps, rows = {}, {}
   for mode in MODES:
-    if w == 1 and mode == 'unroll':
+    if w == 1 and mode != 'separate':
       continue  # One replica: vmap, unroll and separate are one program.
     start = time.perf_counter()
     steps[mode] = build(mode, w, setting)
@@ -139,7 +141,7 @@ def main():
       rows = got['rows']
       for row in rows:
         row['maxrss_all_modes_mib'] = got['maxrss_all_modes_mib']
-        if args.rss == 'on':
+        if devices in args.rss_devices:
           rss = common.run_child(
               [me, '--child', json.dumps(dict(base, mode=row['mode']))],
               args.timeout, env)
@@ -164,7 +166,8 @@ def main():
       ('images_per_s_per_replica', 'images/s per replica', ',.0f'),
       ('vs_separate', 'vs separate', '.2f'),
       ('xla_peak_mib', 'XLA peak MiB', ',.0f'),
-      ('maxrss_mib', 'maxrss MiB', ',.0f'),
+      ('maxrss_mib', 'maxrss MiB (alone)', ',.0f'),
+      ('maxrss_all_modes_mib', 'maxrss MiB (all modes)', ',.0f'),
       ('compile_s', 'compile s', '.0f'), ('spread', 'spread', '.0%')]))
   for e in results['errors']:
     print(f'- {e["devices"]} devices, W={e["replicas"]}: {e["error"]}')

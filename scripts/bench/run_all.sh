@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Runs every benchmark at its default (small) size, writing a Markdown table
-# to the terminal and JSON under $OUT. About 20 minutes on 2 cores.
+# Runs every benchmark at its default size: a Markdown table of each on the
+# terminal, and its JSON and full log under $OUT. See docs/benchmarks.md.
 #
-#   bash scripts/bench/run_all.sh            # JSON in runs/bench/
+#   bash scripts/bench/run_all.sh             # JSON and logs in runs/bench/
 #   OUT=/tmp/bench bash scripts/bench/run_all.sh
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-runs/bench}"
 mkdir -p "$OUT"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 python -c 'import torch' 2>/dev/null ||
-  echo "torch is missing: pip install -e '.[bench]' for the PyTorch side"
+  echo "torch is not installed (pip install -e '.[bench]'): no PyTorch side"
 
+failed=()
 run() {
-  local name="$1"; shift
-  echo "==== $name: $*"
+  local name="$1"
+  shift
+  echo "==== $name $*"
   local start=$SECONDS
-  python "scripts/bench/$name.py" --out "$OUT/$name.json" "$@" \
-    2>&1 | tee "$OUT/$name.log" | grep -v -i 'warning' || true
-  echo "==== $name took $((SECONDS - start)) s"
+  python "scripts/bench/$name.py" --out "$OUT/$name.json" "$@" 2>&1 |
+    tee "$OUT/$name.log" | grep -v -i -e 'warning' -e '^ *warnings\.'
+  local status=${PIPESTATUS[0]}
+  echo "==== $name: exit $status after $((SECONDS - start)) s"
+  [[ $status == 0 ]] || failed+=("$name")
 }
 
 run train_step_vs_torch
@@ -26,3 +30,7 @@ run replicas
 run capsules
 run scaling
 run gpu
+if ((${#failed[@]})); then
+  echo "failed: ${failed[*]} (their logs are in $OUT)"
+  exit 1
+fi

@@ -83,11 +83,11 @@ def load_flax(model: ResNet9, params, batch_stats) -> None:
       p, s = params[name], batch_stats[name]
       kernel = np.asarray(p['Conv_0']['kernel']).transpose(3, 2, 0, 1)
       conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
-      bn.weight.copy_(torch.from_numpy(np.asarray(p['BatchNorm_0']['scale'])))
-      bn.bias.copy_(torch.from_numpy(np.asarray(p['BatchNorm_0']['bias'])))
+      bn.weight.copy_(torch.from_numpy(np.array(p['BatchNorm_0']['scale'])))
+      bn.bias.copy_(torch.from_numpy(np.array(p['BatchNorm_0']['bias'])))
       bn.running_mean.copy_(
-          torch.from_numpy(np.asarray(s['BatchNorm_0']['mean'])))
+          torch.from_numpy(np.array(s['BatchNorm_0']['mean'])))
       bn.running_var.copy_(
-          torch.from_numpy(np.asarray(s['BatchNorm_0']['var'])))
+          torch.from_numpy(np.array(s['BatchNorm_0']['var'])))
     head = np.asarray(params['head']['kernel']).T
     model.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(head)))

@@ -471,8 +471,8 @@ def run_parity(args):
   if torch is None:
     return out
   # One forward and backward on the same batch, same variables.
-  images = np.asarray(a.inputs[0][0])
-  labels = np.asarray(a.inputs[1][0])
+  images = np.array(a.inputs[0][0])
+  labels = np.array(a.inputs[1][0])
   x = (images.astype(np.float32) / 255.0 - 0.45) / 0.25
 
   def loss_fn(params):
