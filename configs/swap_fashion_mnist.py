@@ -1,8 +1,10 @@
-"""SWAP on Fashion-MNIST with a slim ResNet-9, sized for a 2-core CPU.
+"""SWAP on Fashion-MNIST with an eighth-width ResNet-9, sized for a CPU.
 
 Phase 1 trains one model with a global batch of 512 until 93% training
-accuracy (or 6 epochs); phase 2 refines 4 replicas with batches of 128 for
-1.5 epochs each; phase 3 averages them and recomputes BN statistics.
+accuracy (or 8 epochs); phase 2 refines 4 replicas with batches of 128 for
+2 epochs each; phase 3 averages them and recomputes BN statistics.
+Measured on a 2-core CPU: 92.29% after phase 1, replicas 92.36 to 92.73%,
+the average 92.80% (docs/results.md).
 
   python -m jaxswap.main --config configs/swap_fashion_mnist.py \
       --workdir runs/swap_fashion_mnist
@@ -19,9 +21,7 @@ def get_config():
   c.data.flip = True
 
   c.model.name = 'resnet9'
-  # Narrow at 28x28 and 14x14, where a CPU spends its time; the 7x7 and
-  # 3x3 layers, which hold the capacity, at a quarter of full width.
-  c.model.widths = (8, 16, 64, 128)
+  c.model.width = 0.125            # 8-16-32-64 channels: CPU-sized
 
   c.optimizer.weight_decay = 5e-4
   c.optimizer.label_smoothing = 0.1
@@ -29,13 +29,13 @@ def get_config():
   c.phase1.batch_size = 512
   c.phase1.peak_lr = 0.4
   c.phase1.warmup_epochs = 1.0
-  c.phase1.max_epochs = 6.0
+  c.phase1.max_epochs = 8.0
   c.phase1.stop_accuracy = 0.93
   c.phase1.stop_window_steps = 50
 
   c.phase2.replicas = 4
   c.phase2.batch_size = 128
-  c.phase2.epochs = 1.5
+  c.phase2.epochs = 2.0
   c.phase2.peak_lr = 0.1
 
   c.phase3.bn_batches = 20
