@@ -297,6 +297,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
                              maxlen=phase.stop_window)
   elapsed = meta.get('elapsed', 0.0)
   bad = set(meta.get('bad_replicas', []))
+  best_val = list(meta.get('best_val', [-1.0, 0]))
   tc = run.config.train
   skip_bad = run.config.phase3.skip_nonfinite and phase.replicas > 1
   eval_every = int(round(run.config.eval.every_epochs
@@ -313,7 +314,8 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
     return {'phase': phase.name, 'phase_step': done, 'complete': complete,
             'window': list(window), 'stopped_by': stopped_by,
             'elapsed': elapsed + time.perf_counter() - t0,
-            'bad_replicas': sorted(bad), 'summary': meta.get('summary', {})}
+            'bad_replicas': sorted(bad), 'best_val': best_val,
+            'summary': meta.get('summary', {})}
 
   done = start
   for s in range(start, phase.total_steps):
@@ -364,6 +366,12 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
       if phase.replicas > 1:
         scalars.update({f'{phase.name}/replica{r}/test_accuracy': acc[r]
                         for r in range(phase.replicas)})
+      val = run.evaluate(mesh, state.params, state.batch_stats, 'val')
+      if val is not None:
+        # Model selection reads the validation split, never the test set.
+        scalars[f'{phase.name}/val_accuracy'] = float(np.mean(val[good]))
+        if scalars[f'{phase.name}/val_accuracy'] > best_val[0]:
+          best_val[:] = [scalars[f'{phase.name}/val_accuracy'], done]
       run.writer.write_scalars(step_offset + done, scalars)
 
     stop = (phase.stop_accuracy is not None
@@ -393,7 +401,9 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
           'images_per_second': ips, 'replicas': phase.replicas,
           'batch_size': phase.batch_size,
           'train_accuracy_window': float(np.mean(window)) if window else None,
-          'bad_replicas': sorted(bad)}
+          'bad_replicas': sorted(bad),
+          'best_val_accuracy': best_val[0] if best_val[0] >= 0 else None,
+          'best_val_step': best_val[1] if best_val[0] >= 0 else None}
   meta_out = cursor(done, True)
   return state, info, meta_out
 

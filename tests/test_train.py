@@ -259,8 +259,12 @@ def test_capsule_network_trains_through_the_same_entry(data_dir, tmp_path):
   config.phase2.replicas = 2
   config.phase2.epochs = 0.25
   config.data.validation_size = 64
+  config.eval.every_epochs = 0.5
   summary = train.train_and_evaluate(config, tmp_path / 'w')
   assert summary['parameters'] > 0
+  # The validation split is evaluated along the way, for model selection.
+  assert 0 <= summary['phase1']['best_val_accuracy'] <= 1
+  assert summary['phase1']['best_val_step'] == 4  # round(7 / 2)
   assert summary['phase1']['steps'] == (512 - 64) // 64
   assert len(summary['phase2']['replica_test_accuracy']) == 2
   assert 0 <= summary['final']['val_accuracy'] <= 1

@@ -5,7 +5,10 @@ global batch is split over the mesh's 'data' axis and XLA inserts the
 gradient and BatchNorm reductions. Here the devices are fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=D, one subprocess per D)
 sharing this machine's cores, so the table shows what splitting a step
-costs on one host, not a speed-up. For each global batch it also times the
+costs on one host, not a speed-up. Since separate processes see different
+moments of a shared machine's load, one more process with 8 fake devices
+times meshes over its first 1, 2, 4 and 8 devices interleaved, for ratios
+that hold under any load. For each global batch it also times the
 same step fed a batch already on the device, interleaved with the
 trainer's step, which gathers, crops and flips its batch from the data set
 on the device: the difference is the input pipeline's share of a step.
@@ -33,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument('--width', type=float, default=0.25)
   p.add_argument('--input', default='28x28x1')
   p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--parts', nargs='+', default=['subprocess', 'in_process'],
+                 choices=['subprocess', 'in_process'])
   p.add_argument('--compiler_options', default='{}',
                  help='JSON dict of XLA options for every step')
   p.add_argument('--timeout', type=float, default=900)
@@ -77,16 +82,46 @@ def child(setting):
   return {'rows': rows}
 
 
+def child_in_process(setting):
+  """Meshes over the first D of 8 fake devices, all timed interleaved."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import swap_steps  # pylint: disable=g-import-not-at-top
+  shape = tuple(int(v) for v in setting['input'].split('x'))
+  model = swap_steps.resnet9(setting['width'])
+  steps = {}
+  for devices in setting['devices']:
+    if devices > jax.device_count():
+      continue
+    for batch in setting['batches']:
+      steps[(devices, batch)] = swap_steps.PhaseStep(
+          model, 1, batch, shape, num_devices=devices,
+          compiler_options=setting['compiler_options'])
+  times = common.interleave(steps, setting['rounds'])
+  rows = []
+  for (devices, batch), t in times.items():
+    base = common.median(times[(1, batch)]) if (1, batch) in times else None
+    rows.append(dict(devices=devices, global_batch=batch,
+                     per_device_batch=batch // devices,
+                     step_s=common.median(t),
+                     images_per_s=batch / common.median(t),
+                     vs_one_device=(base / common.median(t)) if base
+                     else None, spread=common.spread(t), samples=t))
+  return {'rows': rows}
+
+
 def main():
   args = parse_args()
   if args.child:
-    print(json.dumps(child(json.loads(args.child))))
+    setting = json.loads(args.child)
+    fn = child_in_process if setting.get('in_process') else child
+    print(json.dumps(fn(setting)))
     return
   results = {'machine': common.machine(), 'versions': common.versions(),
-             'args': vars(args), 'rows': [], 'errors': []}
+             'args': vars(args), 'rows': [], 'in_process': [],
+             'errors': []}
   options = json.loads(args.compiler_options)
   me = os.path.abspath(__file__)
-  for devices in args.devices:
+  for devices in args.devices if 'subprocess' in args.parts else []:
     env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
                          f' --xla_force_host_platform_device_count={devices}'
                          ).strip()}
@@ -105,6 +140,20 @@ def main():
         f'batch {r["global_batch"]}: {r["images_per_s"]:.0f} img/s '
         f'(pipeline {r["pipeline_share"]:.0%})' for r in got['rows'])
           + f' ({time.perf_counter() - start:.0f} s)', flush=True)
+  if 'in_process' in args.parts:
+    most = max(args.devices)
+    setting = dict(in_process=True, devices=args.devices,
+                   batches=args.batches, width=args.width, input=args.input,
+                   rounds=args.rounds, compiler_options=options)
+    env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
+                         f' --xla_force_host_platform_device_count={most}'
+                         ).strip()}
+    got = common.run_child([me, '--child', json.dumps(setting)],
+                           args.timeout, env)
+    if 'error' in got:
+      results['errors'].append(dict(devices=most, error=got['error']))
+    else:
+      results['in_process'] = got['rows']
   base = {r['global_batch']: r['images_per_s'] for r in results['rows']
           if r['devices'] == 1}
   for r in results['rows']:
@@ -121,6 +170,15 @@ def main():
       ('pipeline_share', 'pipeline share', '.0%'),
       ('pipeline_xla_peak_mib', 'XLA peak MiB', ',.0f'),
       ('spread', 'spread', '.0%')]))
+  if results['in_process']:
+    print(f'\n### The same, one process with {max(args.devices)} fake '
+          'devices, meshes over the first D, interleaved\n')
+    print(common.table(results['in_process'], [
+        ('devices', 'devices', 'd'), ('global_batch', 'global batch', 'd'),
+        ('per_device_batch', 'per device', 'd'),
+        ('step_s', 'step s', '.3f'), ('images_per_s', 'images/s', ',.0f'),
+        ('vs_one_device', 'vs 1 device', '.2f'),
+        ('spread', 'spread', '.0%')]))
   for e in results['errors']:
     print(f'- {e["devices"]} devices: {e["error"]}')
   common.write_json(args.out, results)

@@ -67,6 +67,9 @@ def parse_args(argv=None):
                  help='HxWxC image shapes')
   p.add_argument('--rounds', type=int, default=2,
                  help='interleaved timed rounds of every contender')
+  p.add_argument('--torch_threads', type=int, nargs='+', default=None,
+                 help='thread counts of torch eager (default: all cores '
+                 'and 1)')
   p.add_argument('--torch_compile_max_width', type=float, default=0.25,
                  help='torch.compile the widths up to this (-1: none); '
                  'inductor takes minutes to compile the full width here')
@@ -231,7 +234,8 @@ def run_main(args):
       notes = {}
       eager = []
       if torch is not None:
-        for threads in sorted({cores, 1}, reverse=True):
+        for threads in args.torch_threads or sorted({cores, 1},
+                                                     reverse=True):
           name = f'torch eager, {threads} thread{"s" * (threads > 1)}'
           contenders[name] = torch_contender(width, shape, args.batch,
                                              threads)
@@ -574,6 +578,7 @@ def main():
     start = time.perf_counter()
     try:
       results[section] = runners[section](args)
+      common.write_json(args.out, results)  # What is done so far.
     except Exception:  # pylint: disable=broad-except
       results[section + '_error'] = traceback.format_exc()
       print(f'[{section}] failed:\n{traceback.format_exc()}', flush=True)
