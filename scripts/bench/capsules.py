@@ -9,7 +9,8 @@ inflate each other's peaks. The train step is SGD with momentum 0.9 on the
 softmax cross-entropy (BN statistics updated, state donated); the eval step
 is the forward pass in inference mode with the count of correct labels.
 
-The table ends with the targets against the official PyTorch code on this
+Next to each timing, a 1024x1024 matmul's GFLOP/s (before it) gauges how
+much of a shared machine the process got. The table ends with the targets against the official PyTorch code on this
 kind of machine (2 cores): 5x its training throughput with the simple
 backbone and 3x with the resnet one, at a quarter of its peak memory or
 less.
@@ -60,6 +61,9 @@ def parse_args(argv=None):
   p.add_argument('--timeout', type=float, default=900,
                  help='seconds allowed to one setting')
   p.add_argument('--out', default=None, help='JSON file to write')
+  p.add_argument('--breakdown', default='on', choices=['on', 'off'],
+                 help='also time the whole train step against its '
+                 'backbone alone, interleaved (batch 32)')
   p.add_argument('--child', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -130,17 +134,99 @@ def run_setting(setting):
       return args
 
     args = call(args)  # Warm-up.
+    result['matmul_gflops_before'] = common.matmul_gflops()
     times = []
     for _ in range(setting['iters']):
       start = time.perf_counter()
       args = call(args)
       times.append(time.perf_counter() - start)
+    result['matmul_gflops_after'] = common.matmul_gflops()
     result['step_s'] = common.median(times)
     result['samples'] = times
     result['images_per_s'] = batch / result['step_s']
   result['maxrss_mib'] = common.maxrss_mib()
   result['device'] = jax.devices()[0].platform
   return result
+
+
+def run_breakdown(setting):
+  """Where a train step's time goes: whole model against its backbone.
+
+  Times, interleaved in one process: the whole train step; the same with
+  XLA:CPU's YNNPACK fusions kept for reductions only, with the conv
+  capsules' 'reference' implementation (all votes at once), and with one
+  routing iteration (the uniform pass alone); and the train step of the
+  backbone alone under a global average pool and a linear head.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxcaps import configs  # pylint: disable=g-import-not-at-top
+  from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+
+  class BackboneOnly(nn.Module):
+    backbone: str
+
+    @nn.compact
+    def __call__(self, x, train):
+      if self.backbone == 'resnet':
+        x = capsnet.ResNetBackbone(name='backbone')(x, train)
+      else:
+        x = capsnet.SimpleBackbone(name='backbone')(x, train)
+      return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+  batch = setting['batch']
+  key = jax.random.key(0)
+  images = jax.random.normal(key, (batch, 32, 32, 3), jnp.float32)
+  labels = jax.random.randint(key, (batch,), 0, 10)
+  tx = optax.sgd(0.1, momentum=0.9)
+  whole = capsnet.from_config(configs.cifar10(setting['backbone']), 10)
+  models = {'whole model': (whole, {}),
+            'whole model, YNN reduce only': (whole, {
+                'xla_cpu_experimental_ynn_fusion_type':
+                'LIBRARY_FUSION_TYPE_REDUCE'}),
+            'whole model, conv_impl=reference': (capsnet.from_config(
+                configs.cifar10(setting['backbone']), 10,
+                conv_impl='reference'), {}),
+            'whole model, 1 routing iteration': (capsnet.from_config(
+                configs.cifar10(setting['backbone']), 10, num_routing=1),
+                                                 {}),
+            'backbone alone': (BackboneOnly(setting['backbone']), {})}
+  steps = {}
+  for name, (model, options) in models.items():
+    variables = model.init(key, images[:1], train=False)
+    state = [variables['params'], variables.get('batch_stats', {}),
+             tx.init(variables['params'])]
+
+    def step(state, model=model):
+      params, batch_stats, opt_state = state
+
+      def loss_fn(params):
+        logits, new = model.apply(
+            {'params': params, 'batch_stats': batch_stats}, images,
+            train=True, mutable=['batch_stats'])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, labels).mean(), new.get('batch_stats', {})
+      (_, batch_stats), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return [optax.apply_updates(params, updates), batch_stats, opt_state]
+    compiled = jax.jit(step, donate_argnums=0).lower(state).compile(
+        compiler_options=options)
+    box = [state]
+
+    def run(compiled=compiled, box=box):
+      box[0] = compiled(box[0])
+      jax.block_until_ready(box[0])
+    steps[name] = run
+  times = common.interleave(steps, setting['iters'])
+  return {'rows': [dict(backbone=setting['backbone'], batch=batch, part=k,
+                        step_s=common.median(t),
+                        images_per_s=batch / common.median(t),
+                        spread=common.spread(t))
+                   for k, t in times.items()],
+          'matmul_gflops': common.matmul_gflops()}
 
 
 # --------------------------------------------------------------- the sweep
@@ -183,7 +269,9 @@ def report(results) -> str:
                ('step_s', 'step s', '.2f'),
                ('xla_peak_mib', 'XLA peak MiB', ',.0f'),
                ('maxrss_mib', 'maxrss MiB', ',.0f'),
-               ('compile_s', 'compile s', '.0f'), ('error', 'error', '')])]
+               ('compile_s', 'compile s', '.0f'),
+               ('matmul_gflops_before', 'gauge GFLOP/s', '.0f'),
+               ('error', 'error', '')])]
   v = verdicts(results)
   if v:
     parts += ['\n### Against the official PyTorch code (2 cores)\n',
@@ -203,7 +291,9 @@ def report(results) -> str:
 def main():
   args = parse_args()
   if args.child is not None:
-    print(json.dumps(run_setting(json.loads(args.child))))
+    setting = json.loads(args.child)
+    fn = run_breakdown if setting.get('breakdown') else run_setting
+    print(json.dumps(fn(setting)))
     return
 
   base = dict(num_routing=args.num_routing, routing_mode=args.routing_mode,
@@ -236,11 +326,32 @@ def main():
     print(f'[{i + 1}/{len(settings)}] {setting["backbone"]} '
           f'{setting["conv_impl"]} {setting["step"]} batch {setting["batch"]}'
           f': {status} ({time.perf_counter() - start:.0f} s)', flush=True)
+  breakdown = []
+  if args.breakdown == 'on':
+    for b in args.backbones:
+      got = common.run_child([me, '--child', json.dumps(dict(
+          breakdown=True, backbone=b, batch=32, iters=max(2, args.iters)))],
+                             args.timeout)
+      if 'error' in got:
+        print(f'[breakdown {b}] {got["error"]}', flush=True)
+        continue
+      breakdown += got['rows']
+      print(f'[breakdown {b}] ' + ', '.join(
+          f'{r["part"]} {r["images_per_s"]:.1f} img/s' for r in got['rows'])
+            + f' (gauge {got["matmul_gflops"]:.0f} GFLOP/s)', flush=True)
   print(report(results))
+  if breakdown:
+    print('\n### Train step at batch 32: whole model against its backbone '
+          '(interleaved)\n')
+    print(common.table(breakdown, [
+        ('backbone', 'backbone', ''), ('part', 'part', ''),
+        ('images_per_s', 'images/s', '.1f'), ('step_s', 'step s', '.2f'),
+        ('spread', 'spread', '.0%')]))
   common.write_json(args.out, {'machine': common.machine(),
                                'versions': common.versions(),
                                'args': vars(args), 'rows': results,
-                               'verdicts': verdicts(results)})
+                               'verdicts': verdicts(results),
+                               'breakdown': breakdown})
 
 
 if __name__ == '__main__':

@@ -113,6 +113,23 @@ def interleave(contenders: dict[str, Callable[[], Any]], rounds: int,
   return times
 
 
+def matmul_gflops(n: int = 1024, seconds: float = 0.5) -> float:
+  """A gauge of how much of the CPU this process gets right now.
+
+  The float32 GFLOP/s of an n x n matmul in JAX: on a machine shared with
+  other jobs, the figures measured next to it scale with it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  calls, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    jax.block_until_ready(mm(a))
+    calls += 1
+  return 2 * n ** 3 * calls / (time.perf_counter() - start) / 1e9
+
+
 def median(xs: Sequence[float]) -> float:
   xs = sorted(xs)
   n = len(xs)
