@@ -10,7 +10,8 @@ softmax cross-entropy (BN statistics updated, state donated); the eval step
 is the forward pass in inference mode with the count of correct labels.
 
 Next to each timing, a 1024x1024 matmul's GFLOP/s (before it) gauges how
-much of a shared machine the process got. The table ends with the targets against the official PyTorch code on this
+much of a shared machine the process got. The table ends with the targets
+against the official PyTorch code on this
 kind of machine (2 cores): 5x its training throughput with the simple
 backbone and 3x with the resnet one, at a quarter of its peak memory or
 less.

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import swap_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxswap.models import resnet9  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxswap.models import resnet9  # pylint: disable=wrong-import-position
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
@@ -572,7 +572,8 @@ def main():
   if torch is None:
     print('torch is not installed (pip install torch, or the bench extra);'
           ' timing our step alone.')
-  runners = {'matmul': run_matmul, 'parity': run_parity, 'main': run_main, 'xla': run_xla,
+  runners = {'matmul': run_matmul, 'parity': run_parity, 'main': run_main,
+             'xla': run_xla,
              'convs': run_convs}
   for section in args.sections:
     start = time.perf_counter()
