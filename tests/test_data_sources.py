@@ -576,13 +576,26 @@ def test_image_folder_wrong_layout(tmp_path):
                               cache_dir=tmp_path / 'c')
 
 
-def test_corrupt_tarball(tmp_path):
+@pytest.mark.parametrize('suffix', ['.tar.gz', '.tar'])
+def test_truncated_tarball(tmp_path, suffix):
   folder = make_image_folder(tmp_path / 'small', SMALL_LAYOUT)
-  tarball = tar_folder(folder, tmp_path / 'small.tar.gz', 'small')
+  tarball = tar_folder(folder, tmp_path / f'small{suffix}', 'small')
   data = tarball.read_bytes()
-  tarball.write_bytes(data[:len(data) // 2])
-  with pytest.raises(DataError, match='cannot read tarball'):
-    sources.load_image_folder(tarball, cache_dir=tmp_path / 'c')
+  # Cut everywhere, member boundaries included: a stream cut there reads as
+  # a shorter archive unless its end is checked.
+  if suffix == '.tar':
+    with tarfile.open(tarball) as tar:
+      tar.getmembers()
+      end = tar.offset  # The first zero block; zeros pad the file after it.
+    cuts = range(512, end + 512, 512)
+  else:
+    cuts = range(97, len(data), 97)
+  for cut in cuts:
+    tarball.write_bytes(data[:cut])
+    with pytest.raises(DataError, match='cannot read tarball'):
+      sources.load_image_folder(tarball, cache_dir=tmp_path / 'c')
+  tarball.write_bytes(data)
+  sources.load_image_folder(tarball, cache_dir=tmp_path / 'c')
 
 
 def test_missing_paths(tmp_path, monkeypatch):

@@ -12,11 +12,13 @@ gives the per-channel mean and standard deviation of the training images.
 Every problem with the data raises `DataError` with the path and the fix.
 """
 
+import bz2
 import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
 import io
+import lzma
 import math
 import multiprocessing
 import os
@@ -351,25 +353,48 @@ def _scan_directory(path: str) -> _Folder:
   return folder
 
 
+_COMPRESSED = ((b'\x1f\x8b', gzip.open), (b'BZh', bz2.open),
+               (b'\xfd7zXZ\x00', lzma.open))
+
+
 def _scan_tarball(path: str) -> _Folder:
-  """Reads every file of a tarball into memory, in one sequential pass."""
+  """Reads every file of a tarball into memory, in one sequential pass.
+
+  `tarfile` takes a stream that ends early at a member boundary for a
+  complete archive, so the end is checked here: a compressed stream must
+  reach its end-of-stream marker (and checksum), a plain tar its zero block.
+  """
   folder = _Folder({}, set(), path, in_tarball=True)
   try:
-    # Stream mode: a gzip stream cannot seek cheaply, and we read it all.
-    with tarfile.open(path, 'r|*') as tar:
-      for member in tar:
-        parts = pathlib.PurePosixPath(member.name).parts
-        parts = tuple(p for p in parts if p not in ('.', '/'))
-        if not parts or _skipped(parts):
-          continue
-        if member.isdir():
-          folder.dirs.add(parts)
-        elif member.isfile():
-          folder.files[parts] = tar.extractfile(member).read()
-        else:
-          raise DataError(f'{member.name} in {path} is a link or device, '
-                          f'not a file; pack the images as plain files')
-  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    with open(path, 'rb') as raw:
+      magic = raw.read(6)
+      raw.seek(0)
+      opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+      stream = opener(raw, 'rb') if opener else raw
+      # Stream mode: a compressed file cannot seek cheaply, and we read it all.
+      with tarfile.open(fileobj=stream, mode='r|') as tar:
+        for member in tar:
+          parts = pathlib.PurePosixPath(member.name).parts
+          parts = tuple(p for p in parts if p not in ('.', '/'))
+          if not parts or _skipped(parts):
+            continue
+          if member.isdir():
+            folder.dirs.add(parts)
+          elif member.isfile():
+            folder.files[parts] = tar.extractfile(member).read()
+          else:
+            raise DataError(f'{member.name} in {path} is a link or device, '
+                            f'not a file; pack the images as plain files')
+        end = tar.offset
+      if opener:
+        while stream.read(1 << 20):  # EOFError if the stream is cut short.
+          pass
+      else:
+        raw.seek(end)
+        if raw.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+          raise EOFError('no end-of-archive block')
+  except (tarfile.TarError, OSError, EOFError, zlib.error,
+          lzma.LZMAError) as e:
     raise DataError(f'cannot read tarball {path} ({e}); it is truncated or '
                     f'corrupt, download it again') from e
   return folder
