@@ -8,11 +8,53 @@ renames it when complete, so a write cut short by a kill is never taken for
 a checkpoint.
 """
 
+import contextlib
+import errno
+import os
 import pathlib
+import re
 from typing import Any, Callable
 
 from absl import logging
 import orbax.checkpoint as ocp
+
+
+class CheckpointWriteError(OSError):
+  """Orbax (or TensorStore under it) failed to write a checkpoint file."""
+
+
+def _write_errno(e: BaseException) -> int | None:
+  """The errno of `e` if it is a failure to write a file, else None.
+
+  TensorStore reports a failed write as a ValueError whose text carries the
+  OS error code, and orbax raises it from a background thread at the next
+  save or wait.
+  """
+  if isinstance(e, OSError):
+    return e.errno
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return int(code.group(1))
+  if 'No space left' in text:
+    return errno.ENOSPC
+  if 'Error writing' in text or 'Failed writing' in text:
+    return errno.EIO
+  return None
+
+
+@contextlib.contextmanager
+def _writing():
+  """Turns any failure to write a checkpoint into CheckpointWriteError."""
+  try:
+    yield
+  except CheckpointWriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    code = _write_errno(e)
+    if code is None:
+      raise
+    raise CheckpointWriteError(code, os.strerror(code)) from e
 
 
 class Checkpointer:
@@ -24,9 +66,15 @@ class Checkpointer:
                                           options=options)
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                       force=True)
+    """Starts writing checkpoint `step`; orbax finishes it in the background.
+
+    Raises:
+      CheckpointWriteError: this or the previous write failed.
+    """
+    with _writing():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(meta)), force=True)
 
   def steps(self) -> list[int]:
     """Finished checkpoints, newest first."""
@@ -72,8 +120,11 @@ class Checkpointer:
     return restored['state']
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with _writing():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -36,11 +36,17 @@ flags.mark_flags_as_required(['config'])
 
 
 class _OnlyOurInfo:
-  """Drops the INFO chatter of orbax and CLU; keeps their warnings."""
+  """Drops the INFO chatter of orbax and CLU; keeps their warnings.
+
+  Their errors keep their message but lose the traceback: a failure in
+  orbax's background writer reaches the user as one line of ours.
+  """
 
   def filter(self, record) -> bool:
     noisy = any(f'/{lib}/' in record.pathname
                 for lib in ('orbax', 'clu', 'etils', 'tensorflow'))
+    if noisy and record.exc_info:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= py_logging.WARNING or not noisy
 
 
@@ -107,10 +113,18 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
+def run():
+  """Runs `main` under absl, as `python -m jaxswap.main` does."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # TensorFlow (under tensorflow-datasets and the TensorBoard writer) runs
+  # none of our numerics; its oneDNN notice at import is noise.
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   logging.set_verbosity(logging.INFO)
   # Which accelerator plugins are absent is not news to the user.
   py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -9,7 +9,11 @@ replica's batch over the data axis; BatchNorm statistics over a batch that
 is sharded this way are global per replica without explicit collectives.
 """
 
+import functools
+import os
 from typing import Any, Callable
+
+from absl import logging
 
 import flax
 import flax.linen as nn
@@ -321,3 +325,38 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
     return jax.tree.map(lambda t: t / num_batches, total)
 
   return over_replicas(one, params, batch_stats, keys, unroll=cfg.unroll)
+
+
+# XLA:CPU hands convolutions and reductions to YNNPACK, whose convolution
+# weight gradient runs 2.5-3.7x slower than XLA's Eigen kernels, while its
+# reductions (BatchNorm statistics) beat XLA's own loops. Keeping it for
+# reductions only makes the CPU step 1.6-2.1x faster with the same numbers
+# up to float32 re-association (docs/benchmarks.md). The option is marked
+# experimental, so a jaxlib that rejects it gets no options.
+_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                'LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+@functools.cache
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA options for the jitted steps on `backend` (the default one).
+
+  Set JAXSWAP_XLA_DEFAULTS=1 in the environment to compile with XLA's
+  defaults instead.
+  """
+  backend = backend or jax.default_backend()
+  if backend != 'cpu' or os.environ.get('JAXSWAP_XLA_DEFAULTS'):
+    return {}
+  try:
+    jax.jit(lambda x: x.sum(), compiler_options=_CPU_OPTIONS).lower(
+        jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('XLA rejects %s (%s); compiling with its defaults',
+                    _CPU_OPTIONS, str(e).splitlines()[0])
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+  """`jax.jit` with `compiler_options()` for the default backend."""
+  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)

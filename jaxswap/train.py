@@ -19,6 +19,7 @@ step), the resumed run ends where an uninterrupted one would.
 
 import collections
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -244,11 +245,11 @@ class _Run:
     replicas = jax.tree.leaves(params)[0].shape[0]
     cache = self._eval_fns
     if (mesh, replicas) not in cache:
-      cache[mesh, replicas] = jax.jit(functools.partial(
+      cache[mesh, replicas] = step_lib.jit(functools.partial(
           step_lib.evaluate, model=self.model,
           batch_size=self.config.eval.batch_size, dtype=self.dtype,
           mesh=mesh, unroll=self.unroll(mesh, replicas)),
-                                      out_shardings=NamedSharding(mesh, P()))
+          out_shardings=NamedSharding(mesh, P()))
     fn = cache[mesh, replicas]
     correct, _ = fn(params, batch_stats, getattr(data, f'{split}_images'),
                     getattr(data, f'{split}_labels'), data.mean, data.std)
@@ -259,7 +260,7 @@ class _Run:
       self.ckpt.save(ckpt_step, state, meta)
     except OSError as e:
       raise WorkdirError(
-          f'cannot write checkpoint {ckpt_step} in {self.workdir} '
+          f'cannot write checkpoints in {self.workdir} '
           f'({e.strerror or e}); free some space or fix its permissions, '
           'then rerun the same command to resume from the last one') from e
 
@@ -276,14 +277,15 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   rep = NamedSharding(mesh, P('replica'))
   data = run.data_on(mesh)
   cfg = run.step_config(phase.batch_size, mesh, phase.replicas, phase)
-  step_fn = jax.jit(
+  step_fn = step_lib.jit(
       functools.partial(step_lib.train_step, model=run.model, tx=phase.tx,
                         schedule=phase.schedule, cfg=cfg, mesh=mesh),
       in_shardings=(rep, NamedSharding(mesh, P()), rep),
       # Metrics are tiny; replicated, every process can read them.
       out_shardings=(rep, NamedSharding(mesh, P())), donate_argnums=0)
-  perm_fn = jax.jit(functools.partial(pipeline.permutations, n=run.n_train),
-                    out_shardings=rep)
+  perm_fn = step_lib.jit(
+      functools.partial(pipeline.permutations, n=run.n_train),
+      out_shardings=rep)
 
   start = meta.get('phase_step', 0)
   # Metrics carry the run's wall time so far, over all phases.
@@ -463,13 +465,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = _Run(config, workdir, dataset, arrays, model)
   previous = (signal.signal(signal.SIGTERM, run.on_sigterm)
               if _in_main_thread() else None)
+  failed = True
   try:
-    return _run_phases(run, phase1, phase2)
+    summary = _run_phases(run, phase1, phase2)
+    failed = False
+  except OSError as e:
+    raise _as_workdir_error(e, workdir)
   finally:
-    run.ckpt.close()
-    run.writer.close()
+    try:
+      run.ckpt.close()
+      run.writer.close()
+    except OSError as e:
+      if not failed:
+        raise _as_workdir_error(e, workdir)
+      logging.warning('Closing the work directory failed too: %s', e)
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+  return summary
+
+
+# What failing writes to a work directory raise: no space, over quota, a
+# file-size limit, a read-only file system, no permission, not a folder.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                           errno.EROFS, errno.EACCES, errno.EPERM,
+                           errno.ENOTDIR, errno.EIO})
+
+
+def _as_workdir_error(e: OSError, workdir: pathlib.Path) -> OSError:
+  """`e` as a WorkdirError with the fix, if it is a failed write."""
+  if isinstance(e, WorkdirError) or e.errno not in _WRITE_ERRNOS:
+    return e
+  error = WorkdirError(
+      f'cannot write to --workdir={workdir} ({e.strerror or e}); free some '
+      'space or fix its permissions, then rerun the same command to resume '
+      'from the last checkpoint')
+  error.__cause__ = e
+  return error
 
 
 def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -504,7 +535,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         pipeline.DeviceData(*map(np.asarray, arrays)))
     perm = jax.ShapeDtypeStruct((phase.replicas, n), jnp.int32,
                                 sharding=rep)
-    step_fn = jax.jit(functools.partial(
+    step_fn = step_lib.jit(functools.partial(
         step_lib.train_step, model=model, tx=phase.tx,
         schedule=phase.schedule,
         cfg=run.step_config(phase.batch_size, phase.mesh, phase.replicas,
@@ -557,9 +588,9 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
     if latest:
       state = restored
     else:
-      init = jax.jit(functools.partial(step_lib.init_replicas, run.model,
-                                       phase1.tx),
-                     out_shardings=NamedSharding(phase1.mesh, P('replica')))
+      init = step_lib.jit(
+          functools.partial(step_lib.init_replicas, run.model, phase1.tx),
+          out_shardings=NamedSharding(phase1.mesh, P('replica')))
       state = init(_replica_keys(config.seed, _INIT, 1), sample)
       state = state.replace(key=jax.device_put(
           _replica_keys(config.seed, _PHASE1, 1),
@@ -629,9 +660,10 @@ def _start_phase2(run: _Run, phase2: Phase, state):
   first = step_lib.ReplicaState(params=one[0], batch_stats=one[1],
                                 opt_state=None, step=None, key=None)
   rep = NamedSharding(phase2.mesh, P('replica'))
-  start = jax.jit(functools.partial(step_lib.start_phase, tx=phase2.tx,
-                                    swa=phase2.swa_every > 0),
-                  out_shardings=rep)
+  start = step_lib.jit(
+      functools.partial(step_lib.start_phase, tx=phase2.tx,
+                        swa=phase2.swa_every > 0),
+      out_shardings=rep)
   return start(first, keys=keys)
 
 
@@ -653,18 +685,19 @@ def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,
     logging.info('phase3: each replica contributes its SWA average of %d '
                  'snapshots.', snapshots)
     summary['phase2']['swa_snapshots'] = snapshots
-    state = state.replace(params=jax.jit(step_lib.swa_params)(state))
-  avg = jax.jit(step_lib.average,
-                out_shardings=NamedSharding(phase2.mesh, P()))(
-                    (state.params, state.batch_stats), jnp.asarray(weights))
+    state = state.replace(params=step_lib.jit(step_lib.swa_params)(state))
+  avg = step_lib.jit(step_lib.average,
+                     out_shardings=NamedSharding(phase2.mesh, P()))(
+                         (state.params, state.batch_stats),
+                         jnp.asarray(weights))
   mesh = phase1.mesh
   rep = NamedSharding(mesh, P('replica'))
   params, batch_stats = jax.device_put(jax.device_get(avg), rep)
-  recompute = jax.jit(functools.partial(
+  recompute = step_lib.jit(functools.partial(
       step_lib.recompute_batch_stats, model=run.model,
       num_batches=config.phase3.bn_batches,
       cfg=run.step_config(config.phase3.bn_batch_size, mesh, 1), mesh=mesh),
-                      out_shardings=rep)
+      out_shardings=rep)
   keys = jax.device_put(_replica_keys(config.seed, _PHASE3, 1), rep)
   batch_stats = recompute(params, batch_stats, keys, run.data_on(mesh))
   jax.block_until_ready(batch_stats)

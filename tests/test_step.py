@@ -119,3 +119,54 @@ def test_augment_crops_within_padding_and_flips():
         np.array_equal(out[i], padded[a:a + 6, b:b + 6][:, ::f])
         for a in range(5) for b in range(5) for f in (1, -1))
     assert found, 'output is not a crop (or flipped crop) of the input'
+
+
+def test_cpu_compiler_options_keep_the_numbers():
+  """The trainer's XLA options on the CPU change speed, not the step."""
+  options = step_lib.compiler_options()
+  assert options == step_lib._CPU_OPTIONS  # pylint: disable=protected-access
+  arrays = helpers.synthetic_arrays()
+  model = TinyCNN(num_classes=4)
+  schedule, tx = helpers.sgd()
+  mesh = _mesh(1, 1)
+  rep = NamedSharding(mesh, P('replica'))
+  data = pipeline.put(arrays, NamedSharding(mesh, P()))
+  state = jax.jit(functools.partial(step_lib.init_replicas, model, tx))(
+      helpers.replica_keys(0, 1), jnp.zeros((1, 8, 8, 1)))
+  perm = pipeline.permutations(state.key, 0, n=arrays.train_images.shape[0])
+  fn = functools.partial(step_lib.train_step, model=model, tx=tx,
+                         schedule=schedule, cfg=CFG, mesh=mesh)
+  finals = []
+  for jitted in (jax.jit(fn, out_shardings=(rep, rep)),
+                 step_lib.jit(fn, out_shardings=(rep, rep))):
+    s = state
+    for _ in range(3):
+      s, _ = jitted(s, data, perm)
+    finals.append(jax.device_get(s))
+  chex.assert_trees_all_close(finals[0].params, finals[1].params, atol=1e-5,
+                              rtol=1e-4)
+  chex.assert_trees_all_close(finals[0].batch_stats, finals[1].batch_stats,
+                              atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def fresh_options():
+  """Empties the cache of compiler_options before and after a test."""
+  step_lib.compiler_options.cache_clear()
+  yield
+  step_lib.compiler_options.cache_clear()
+
+
+def test_compiler_options_fall_back_when_xla_rejects_them(monkeypatch,
+                                                         fresh_options):
+  del fresh_options
+  monkeypatch.setattr(step_lib, '_CPU_OPTIONS',
+                      {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH'})
+  assert step_lib.compiler_options() == {}
+
+
+def test_compiler_options_off_by_environment(monkeypatch, fresh_options):
+  del fresh_options
+  monkeypatch.setenv('JAXSWAP_XLA_DEFAULTS', '1')
+  assert step_lib.compiler_options() == {}
+  assert step_lib.compiler_options('gpu') == {}

@@ -123,8 +123,7 @@ def straight_params(data_dir, tmp_path_factory):
   return _final_params(workdir)
 
 
-def _start_and_signal(data_dir, tmp_path, workdir, sig):
-  """Runs the kill config as a process; signals it in phase 2."""
+def _kill_config_file(data_dir, tmp_path) -> pathlib.Path:
   cfg_file = tmp_path / 'cfg.py'
   cfg_file.write_text(
       'import sys, pathlib\n'
@@ -133,6 +132,12 @@ def _start_and_signal(data_dir, tmp_path, workdir, sig):
       'def get_config():\n'
       '  return test_train._kill_config(pathlib.Path('
       f'{str(data_dir)!r}))\n')
+  return cfg_file
+
+
+def _start_and_signal(data_dir, tmp_path, workdir, sig):
+  """Runs the kill config as a process; signals it in phase 2."""
+  cfg_file = _kill_config_file(data_dir, tmp_path)
   cmd = [sys.executable, '-m', 'jaxswap.main', f'--config={cfg_file}',
          f'--workdir={workdir}']
   log = open(tmp_path / f'{workdir.name}.log', 'w+', encoding='utf-8')
@@ -170,6 +175,51 @@ def test_resume_after_sigkill_in_phase2_ends_with_same_parameters(
   chex.assert_trees_all_equal(_final_params(workdir), straight_params)
 
 
+# Where the chain below kills its run, in order; each is reached by the run
+# resumed after the one before. The kill config has 2 phase-1 steps, 32
+# phase-2 steps and a checkpoint every 5.
+KILL_POINTS = (
+    'after:1',               # loading data, compiling: nothing saved yet
+    'step:phase1:1',         # phase 1, before its checkpoint
+    'save:phase1:0',         # while phase 1's checkpoint is written
+    'step:phase2:3',         # phase 2, before its first checkpoint
+    'step:phase2:6',         # a step after a checkpoint, likely mid-write
+    'save:phase2:0.02',      # 20 ms into a phase-2 checkpoint
+    'step:phase2:18',        # resumes from step 15: loses 3 steps
+    'average',               # phase 3, averaging
+    'recompute:0',           # phase 3, BatchNorm recompute
+    'recompute:0.3',         # ... later into it
+    'save:done:0',           # while the final model is written
+    'summary',               # while summary.json is written
+)
+
+
+def test_killed_at_every_point_and_resumed_ends_as_uninterrupted(
+    data_dir, tmp_path, straight_params):
+  """SIGKILL at each of KILL_POINTS in turn, then a clean run to the end."""
+  workdir = tmp_path / 'chain'
+  cfg_file = _kill_config_file(data_dir, tmp_path)
+  for i, point in enumerate(KILL_POINTS):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tests' / 'killed_main.py'), point,
+         f'--config={cfg_file}', f'--workdir={workdir}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == -signal.SIGKILL, (
+        f'kill point {point}: exit {proc.returncode}, not killed\n'
+        f'{proc.stderr[-3000:]}')
+    if point.startswith('save:') and point.endswith(':0'):
+      # Killed mid-write: orbax's temporary folder is left behind.
+      assert list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
+    if i and KILL_POINTS[i - 1] == 'step:phase2:18':
+      # Resumed from the newest checkpoint: phase-2 step 15 of 18 done.
+      assert 'resuming at step 15' in proc.stderr, proc.stderr[-3000:]
+  assert not (workdir / 'summary.json').exists()
+  summary = train.train_and_evaluate(_kill_config(data_dir), workdir)
+  assert summary['phase2']['steps'] == 32
+  assert json.loads((workdir / 'summary.json').read_text()) == summary
+  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path,
                                                       straight_params):
   workdir = tmp_path / 'preempted'
@@ -182,6 +232,44 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path,
   assert max(steps) > 2   # Saved in phase 2, where it was stopped.
   train.train_and_evaluate(_kill_config(data_dir), workdir)
   chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+
+
+@pytest.mark.parametrize('limit_kib', [1, 16])
+def test_a_full_disk_is_one_clear_line(data_dir, tmp_path, limit_kib):
+  """Writes fail as on a full disk: config.json (1 KiB), a checkpoint (16).
+
+  A file-size limit (RLIMIT_FSIZE) makes every write past it fail with
+  EFBIG, in Python and in orbax's TensorStore threads alike, as ENOSPC
+  would.
+  """
+  workdir = tmp_path / 'run'
+  cfg_file = _kill_config_file(data_dir, tmp_path)
+  # ulimit -f counts KiB; with SIGXFSZ ignored a write past it fails.
+  proc = subprocess.run(
+      ['bash', '-c', f'ulimit -f {limit_kib}; trap "" XFSZ; exec "$@"', '-',
+       sys.executable, '-m', 'jaxswap.main', f'--config={cfg_file}',
+       f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=240, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  # No traceback through our code or orbax's. (TensorStore may still print
+  # asyncio's 'Event loop is closed' for writes that finish after orbax
+  # gave up; it prints them itself, past Python's hooks.)
+  frames = [l for l in proc.stderr.splitlines() if l.startswith('  File ')]
+  assert not [f for f in frames if 'jaxswap' in f or 'orbax' in f], (
+      proc.stderr[-3000:])
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and str(workdir) in last, last
+  assert 'File too large' in last and 'free space' in last.replace(
+      'free some space', 'free space'), last
+
+
+def test_a_workdir_that_cannot_be_made_is_one_clear_error(data_dir,
+                                                          tmp_path):
+  (tmp_path / 'file').write_text('not a folder')
+  with pytest.raises(train.WorkdirError, match='cannot be written .*Not a '
+                     'directory.*choose a writable folder'):
+    train.train_and_evaluate(small_config(data_dir),
+                             tmp_path / 'file' / 'run')
 
 
 def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
