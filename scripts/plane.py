@@ -89,10 +89,10 @@ def main(argv):
       batch_size=config.phase3.bn_batch_size,
       crop_padding=config.data.crop_padding, flip=config.data.flip,
       label_smoothing=0.0)
-  recompute = jax.jit(functools.partial(
+  recompute = step_lib.jit(functools.partial(
       step_lib.recompute_batch_stats, model=model,
       num_batches=config.phase3.bn_batches, cfg=bn_cfg))
-  evaluate = jax.jit(functools.partial(
+  evaluate = step_lib.jit(functools.partial(
       step_lib.evaluate, model=model, batch_size=config.eval.batch_size))
   like = jax.tree.map(lambda x: x[:1], state.params)
   stats_like = jax.tree.map(lambda x: x[:1], state.batch_stats)
