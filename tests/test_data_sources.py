@@ -13,6 +13,7 @@ import os
 import pathlib
 import struct
 import tarfile
+import tempfile
 import time
 import types
 
@@ -743,6 +744,61 @@ def test_read_idx_fuzz(fuzz_file, data):
   assert isinstance(array, np.ndarray)
   assert raw[:2] == b'\0\0' and array.ndim == raw[3]
   assert 4 + 4 * array.ndim + array.nbytes == len(raw)
+
+
+def _small_tarball_bytes() -> bytes:
+  folder = pathlib.Path(tempfile.mkdtemp())
+  made = make_image_folder(folder / 'small', SMALL_LAYOUT)
+  return tar_folder(made, folder / 'small.tar.gz', 'small').read_bytes()
+
+
+SMALL_TARBALL = _small_tarball_bytes()
+
+
+@st.composite
+def mutated_tarball(draw):
+  """The small image-folder tarball, gzipped or not, with random edits."""
+  data = SMALL_TARBALL
+  if draw(st.booleans()):
+    data = gzip.decompress(data)
+  data = bytearray(data)
+  for _ in range(draw(st.integers(1, 3))):
+    at = draw(st.integers(0, len(data) - 1))
+    edit = draw(st.sampled_from(['set', 'cut', 'insert']))
+    if edit == 'set':
+      data[at] = draw(st.integers(0, 255))
+    elif edit == 'cut':
+      del data[at:at + draw(st.integers(1, 600))]
+    else:
+      data[at:at] = draw(st.binary(min_size=1, max_size=64))
+  return bytes(data)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(data=st.one_of(st.binary(max_size=256), mutated_tarball()))
+def test_image_folder_tarball_fuzz(tmp_path_factory, data):
+  folder = tmp_path_factory.mktemp('tarfuzz')
+  tarball = folder / 'fuzz.tar.gz'
+  tarball.write_bytes(data)
+  try:
+    ds = sources.load_image_folder(tarball, cache_dir=folder / 'cache')
+  except DataError:
+    return
+  # What it accepts is a well-formed data set.
+  assert ds.train_images.dtype == np.uint8 and ds.train_images.ndim == 4
+  assert len(ds.train_images) == len(ds.train_labels)
+  assert ds.train_labels.max() < len(ds.class_names)
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(data=st.binary(max_size=512))
+def test_image_folder_random_image_bytes_fuzz(tmp_path_factory, data):
+  folder = tmp_path_factory.mktemp('imgfuzz')
+  save_image(folder / 'train' / 'a' / '0.png', pixels(0))
+  save_image(folder / 'test' / 'a' / '0.png', pixels(1))
+  (folder / 'train' / 'a' / '1.png').write_bytes(data)
+  with pytest.raises(DataError):
+    sources.load_image_folder(folder, cache_dir=folder / 'cache')
 
 
 # ---------------------------------------------------------------- tfds

@@ -40,9 +40,16 @@ def split_validation(images: np.ndarray, labels: np.ndarray, size: int,
 
 
 def put(arrays: DeviceData, sharding: jax.sharding.Sharding) -> DeviceData:
-  """Places every array with `sharding` (replicated, for in-memory data)."""
-  return DeviceData(*(jax.device_put(np.asarray(a), sharding)
-                      for a in arrays))
+  """Places every array with `sharding` (replicated, for in-memory data).
+
+  In a multi-process run every process has read the whole data set and
+  gives the devices it holds their part of the global array.
+  """
+  if jax.process_count() == 1:
+    return DeviceData(*(jax.device_put(np.asarray(a), sharding)
+                        for a in arrays))
+  return DeviceData(*(jax.make_array_from_process_local_data(
+      sharding, np.asarray(a), np.shape(a)) for a in arrays))
 
 
 def permutations(keys: jax.Array, epoch: jax.Array, n: int) -> jax.Array:

@@ -59,6 +59,9 @@ def parse_args(argv=None):
                  help='timed calls after one warm-up call')
   p.add_argument('--compile-only', action='store_true',
                  help='memory analysis only, no timing')
+  p.add_argument('--xla-defaults', action='store_true',
+                 help="compile with XLA's default options instead of the "
+                 "trainer's (jaxswap.step.compiler_options)")
   p.add_argument('--timeout', type=float, default=900,
                  help='seconds allowed to one setting')
   p.add_argument('--out', default=None, help='JSON file to write')
@@ -80,6 +83,7 @@ def run_setting(setting):
   import optax  # pylint: disable=g-import-not-at-top
   from jaxcaps import configs  # pylint: disable=g-import-not-at-top
   from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+  from jaxswap import step as step_lib  # pylint: disable=g-import-not-at-top
 
   model = capsnet.from_config(configs.cifar10(setting['backbone']), 10,
                               num_routing=setting['num_routing'],
@@ -122,7 +126,10 @@ def run_setting(setting):
     args = (params, batch_stats, images, labels)
 
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  # As the trainer compiles it (jaxswap.step.compiler_options), unless
+  # --xla_defaults.
+  options = {} if setting['xla_defaults'] else step_lib.compiler_options()
+  compiled = fn.lower(*args).compile(compiler_options=options)
   result = dict(setting, compile_s=time.perf_counter() - start,
                 **common.xla_memory_mib(compiled))
 
@@ -298,7 +305,8 @@ def main():
     return
 
   base = dict(num_routing=args.num_routing, routing_mode=args.routing_mode,
-              iters=args.iters, compile_only=args.compile_only)
+              iters=args.iters, compile_only=args.compile_only,
+              xla_defaults=args.xla_defaults)
   settings = []
   for b in args.backbones:
     for c in args.conv_impls:

@@ -5,14 +5,16 @@ update with weight decay) of the same network, float32, timed interleaved
 in one process:
 
   ours, pipeline   `jaxswap.step.train_step` as the trainer jits it: gathers,
-                   crops, flips and normalizes its batch on the device;
+                   crops, flips and normalizes its batch on the device,
+                   compiled with `jaxswap.step.compiler_options()` (on the
+                   CPU, XLA's YNNPACK fusions kept for reductions only);
   ours, ready      the same step fed a uint8 batch already on the device;
-  ... YNN reduce   the same two compiled with XLA:CPU's YNNPACK fusions
-                   kept for reductions only (convolutions go to Eigen);
+  ... XLA defaults the same two compiled with XLA's default options
+                   (YNNPACK for convolutions too);
   torch eager      `torch_resnet9.ResNet9`, channels-last, with 2 threads
                    (all cores) and with 1;
-  torch.compile    the same model through torch.compile (inductor), 1
-                   thread.
+  torch.compile    the same model through torch.compile (inductor), with
+                   all cores (--torch_compile_threads for others).
 
 Then it looks into what XLA:CPU does: compiler options, NCHW against NHWC,
 the pooling gradient, BatchNorm's share and bfloat16 on one setting, and the
@@ -44,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import swap_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxswap import step as step_lib  # pylint: disable=wrong-import-position
 from jaxswap.models import resnet9  # pylint: disable=wrong-import-position
 
 try:
@@ -70,6 +73,9 @@ def parse_args(argv=None):
   p.add_argument('--torch_threads', type=int, nargs='+', default=None,
                  help='thread counts of torch eager (default: all cores '
                  'and 1)')
+  p.add_argument('--torch_compile_threads', type=int, nargs='+',
+                 default=None, help='thread counts of torch.compile '
+                 '(default: all cores)')
   p.add_argument('--torch_compile_max_width', type=float, default=0.25,
                  help='torch.compile the widths up to this (-1: none); '
                  'inductor takes minutes to compile the full width here')
@@ -77,6 +83,9 @@ def parse_args(argv=None):
   p.add_argument('--xla_input', default='28x28x1')
   p.add_argument('--xla_batch', type=int, default=256)
   p.add_argument('--xla_rounds', type=int, default=3)
+  p.add_argument('--xla_variants', nargs='*', default=None,
+                 help='time only the variants whose names start with one '
+                 'of these (default: all)')
   p.add_argument('--conv_configs', nargs='+',
                  default=['1.0:32x32x3:64', '0.25:28x28x1:512'],
                  help='width:HxWxC:batch of the convolution timings')
@@ -225,12 +234,12 @@ def run_main(args):
       contenders = {}
       build = functools.partial(swap_steps.PhaseStep, model, 1, args.batch,
                                 shape, n_train=max(4096, 4 * args.batch))
-      contenders['ours, pipeline'] = build()
-      contenders['ours, ready batch'] = build(ready=True)
-      contenders['ours, pipeline, YNN reduce only'] = build(
-          compiler_options=swap_steps.YNN_REDUCE)
-      contenders['ours, ready batch, YNN reduce only'] = build(
-          ready=True, compiler_options=swap_steps.YNN_REDUCE)
+      ours = step_lib.compiler_options()
+      contenders['ours, pipeline'] = build(compiler_options=ours)
+      contenders['ours, ready batch'] = build(ready=True,
+                                              compiler_options=ours)
+      contenders['ours, pipeline, XLA defaults'] = build()
+      contenders['ours, ready batch, XLA defaults'] = build(ready=True)
       notes = {}
       eager = []
       if torch is not None:
@@ -240,11 +249,15 @@ def run_main(args):
           contenders[name] = torch_contender(width, shape, args.batch,
                                              threads)
           eager.append(name)
+        compile_threads = []
         if width <= args.torch_compile_max_width:
-          name = 'torch.compile, 1 thread'
+          compile_threads = args.torch_compile_threads or [cores]
+        for threads in compile_threads:
+          name = f'torch.compile, {threads} thread{"s" * (threads > 1)}'
           start = time.perf_counter()
           try:
-            fn = torch_contender(width, shape, args.batch, 1, compiled=True)
+            fn = torch_contender(width, shape, args.batch, threads,
+                                 compiled=True)
             fn()  # Compiles, forward and backward.
             contenders[name] = fn
             notes[name] = f'compiled in {time.perf_counter() - start:.0f} s'
@@ -296,6 +309,9 @@ def run_xla(args):
       ('bfloat16 compute (not same numbers)', {}, bf16, None),
       ('bfloat16 compute, YNN reduce only', red, bf16, None),
   ]
+  if args.xla_variants:
+    variants = [v for v in variants
+                if any(v[0].startswith(p) for p in args.xla_variants)]
   contenders, info = {}, {}
   for name, options, variant, patch in variants:
     try:
@@ -313,16 +329,17 @@ def run_xla(args):
         'select_and_scatter': text.count(' select-and-scatter('),
     }
     contenders[name] = step
-  if torch is not None:
-    for threads, cl in ((1, True), (2, True), (1, False)):
-      name = (f'torch eager, {"channels-last" if cl else "NCHW"}, '
-              f'{threads} thread{"s" * (threads > 1)}')
+  for threads, cl in ((1, True), (2, True), (1, False)) if torch else ():
+    name = (f'torch eager, {"channels-last" if cl else "NCHW"}, '
+            f'{threads} thread{"s" * (threads > 1)}')
+    if not args.xla_variants or any(name.startswith(p)
+                                    for p in args.xla_variants):
       contenders[name] = torch_contender(width, shape, batch, threads,
                                          channels_last=cl)
   print(f'[xla] width {width} input {args.xla_input} batch {batch}: timing '
         f'{len(contenders)} variants x {args.xla_rounds} rounds', flush=True)
   times = common.interleave(contenders, args.xla_rounds)
-  base = rate(times['default (YNNPACK fusions on)'], batch)
+  base = rate(next(iter(times.values())), batch)
   rows = []
   for name, t in times.items():
     r = rate(t, batch)
