@@ -11,6 +11,7 @@ import time
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -303,6 +304,17 @@ def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
      r'phase2.batch_size=-4 must be > 0'),
     (lambda c: setattr(c.phase1, 'batch_size', 4096),
      r'phase1.batch_size=4096 exceeds the 512 training examples'),
+    (lambda c: setattr(c.phase1, 'batch_size', 0),
+     r'phase1.batch_size=0 must be > 0'),
+    (lambda c: setattr(c.phase2, 'epochs', 0.0),
+     r'phase2.epochs=0.0 must be > 0'),
+    (lambda c: setattr(c.phase1, 'peak_lr', float('nan')),
+     r'phase1.peak_lr=nan must be finite'),
+    (lambda c: setattr(c, 'phase1', ml_collections.ConfigDict(
+        {**c.phase1.to_dict(), 'max_epochs': 'eight'})),
+     r"phase1.max_epochs='eight' has type str, expected float"),
+    (lambda c: setattr(c.model, 'name', 'ResNet9'),
+     r"model.name='ResNet9' is unknown"),
 ])
 def test_bad_config_stops_before_compiling(data_dir, tmp_path, edit,
                                            message):
@@ -323,14 +335,22 @@ def test_misspelt_key_is_named_with_a_suggestion():
     config_lib.validate(config, 8)
 
 
-def test_command_line_misspelt_override_fails_fast(tmp_path):
+@pytest.mark.parametrize('override, named', [
+    ('--config.phase2.replcas=4', 'replcas'),
+    ('--config.phase2.replicas=four', 'four'),
+    ('--config.phase1.stop_accuracy=high', 'high'),
+])
+def test_command_line_bad_override_fails_fast_in_one_line(tmp_path, override,
+                                                           named):
   cmd = [sys.executable, '-m', 'jaxswap.main',
          '--config=configs/swap_fashion_mnist.py', f'--workdir={tmp_path}',
-         '--config.phase2.replcas=4']
+         override]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        timeout=120, check=False)
-  assert out.returncode != 0
-  assert 'replcas' in out.stderr
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), out.stderr
+  assert named in lines[0]
 
 
 def test_capsule_network_trains_through_the_same_entry(data_dir, tmp_path):
