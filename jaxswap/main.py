@@ -103,7 +103,10 @@ def main(argv):
   except (config_lib.ConfigError, errors.DataError,
           train.WorkdirError) as e:
     logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
+    # One write, so that a background thread's output cannot split it.
+    sys.stderr.flush()
+    sys.stderr.write(f'error: {e}\n')
+    sys.stderr.flush()
     return 2
   except train.Preempted as e:
     print(f'Stopped by SIGTERM at {e}; a checkpoint is saved. Run the same '

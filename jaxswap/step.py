@@ -2,11 +2,12 @@
 
 Every function here acts on a stack of W replicas (a leading replica axis):
 phase 1 is W = 1, phase 2 is W refinement replicas, phase 3 averages them.
-The per-replica computation is written once and vmapped with
-`spmd_axis_name='replica'`, so that under `jax.jit` over a
-('replica', 'data') mesh the replica axis is sharded over devices and each
-replica's batch over the data axis; BatchNorm statistics over a batch that
-is sharded this way are global per replica without explicit collectives.
+The per-replica computation is written once and mapped over the replicas
+by `over_replicas`: under `jax.jit` over a ('replica', 'data') mesh the
+replica axis is manual (`shard_map`), each device mapping its own
+replicas, and each replica's batch is sharded over the data axis by the
+compiler, so BatchNorm statistics over such a batch are global per replica
+without explicit collectives.
 """
 
 import functools
@@ -14,7 +15,6 @@ import os
 from typing import Any, Callable
 
 from absl import logging
-
 import flax
 import flax.linen as nn
 import jax
@@ -59,7 +59,8 @@ class StepConfig:
   swa_start: int = flax.struct.field(pytree_node=False, default=0)
 
 
-def over_replicas(fn: Callable, *args, unroll: bool = False):
+def over_replicas(fn: Callable, *args, unroll: bool = False, mesh=None,
+                  shared: Any = None):
   """Applies `fn` to each replica's slice of `args` (leading axis W).
 
   `vmap` (the default) makes one batched computation, which is what
@@ -67,11 +68,41 @@ def over_replicas(fn: Callable, *args, unroll: bool = False):
   vmap makes of per-replica weights about 3x slower than separate ones, so
   on the CPU `unroll=True` traces W copies of `fn` into the same program.
   Both give the same numbers.
+
+  On a mesh whose 'replica' axis has more than one device, the replica
+  axis is made manual with `shard_map`: each device maps only its own
+  replicas, and the 'data' axis inside is left to the compiler. (Under a
+  plain `vmap(spmd_axis_name=...)` XLA's partitioner does not split the
+  grouped convolutions along the replicas; it gathers every replica onto
+  every device, so each device would compute all of them.)
+
+  Args:
+    fn: maps one replica's slices of `args` (and `shared`, if given, as a
+      last argument) to a pytree.
+    *args: pytrees of (W, ...) arrays.
+    unroll: trace W copies instead of vmapping.
+    mesh: the ('replica', 'data') mesh the computation is jitted over.
+    shared: a pytree every replica reads whole (the data set), or None.
+
+  Returns:
+    The stacked (W, ...) results.
   """
+  extra = () if shared is None else (shared,)
+  if mesh is not None and mesh.shape['replica'] > 1:
+    def local(*local):
+      return over_replicas(fn, *local[:len(args)], unroll=unroll,
+                           shared=local[len(args)] if extra else None)
+    specs = (jax.tree.map(lambda _: P('replica'), args)
+             + jax.tree.map(lambda _: P(), extra))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs,
+                         out_specs=P('replica'),
+                         axis_names=frozenset({'replica'}),
+                         check_vma=False)(*args, *extra)
   if not unroll:
-    return jax.vmap(fn, spmd_axis_name='replica')(*args)
+    return jax.vmap(lambda *a: fn(*a, *extra))(*args)
   w = jax.tree.leaves(args[0])[0].shape[0]
-  outs = [fn(*jax.tree.map(lambda a, i=i: a[i], args)) for i in range(w)]
+  outs = [fn(*jax.tree.map(lambda a, i=i: a[i], args), *extra)
+          for i in range(w)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
@@ -154,8 +185,11 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
 
 
 def _constrain(x, mesh, spec):
+  """Shards `x` as `spec` over `mesh` (over the context mesh, in shard_map)."""
   if mesh is None:
     return x
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    return jax.lax.with_sharding_constraint(x, spec)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -171,12 +205,12 @@ def train_step(state: ReplicaState, data: pipeline.DeviceData,
     perm: (W, N) each replica's data order for the current epoch.
     model, tx, schedule, cfg: bound statically with functools.partial.
     mesh: when given, each replica's batch is constrained to the 'data'
-      mesh axis (the replica axis comes from vmap's spmd_axis_name).
+      mesh axis (the replica axis is manual, see `over_replicas`).
 
   Returns:
     (new state, metrics dict of (W,) arrays).
   """
-  def one(state, perm):
+  def one(state, perm, data):
     key = jax.random.fold_in(state.key, state.step)
     images, labels = pipeline.train_batch(
         data, perm, state.step, cfg.batch_size, key, cfg.crop_padding,
@@ -216,7 +250,8 @@ def train_step(state: ReplicaState, data: pipeline.DeviceData,
           swa_count=state.swa_count + take.astype(jnp.int32))
     return new, metrics
 
-  return over_replicas(one, state, perm, unroll=cfg.unroll)
+  return over_replicas(one, state, perm, unroll=cfg.unroll, mesh=mesh,
+                       shared=data)
 
 
 def evaluate(params: PyTree, batch_stats: PyTree, images: jax.Array,
@@ -242,7 +277,9 @@ def evaluate(params: PyTree, batch_stats: PyTree, images: jax.Array,
   images = images.reshape((chunks, batch_size) + images.shape[1:])
   labels = labels.reshape(chunks, batch_size)
 
-  def one(params, batch_stats):
+  def one(params, batch_stats, split):
+    images, labels, mean, std = split
+
     def body(totals, chunk):
       x, y = chunk
       x = _constrain(x, mesh, P('data'))
@@ -259,7 +296,8 @@ def evaluate(params: PyTree, batch_stats: PyTree, images: jax.Array,
     totals, _ = jax.lax.scan(body, init, (images, labels))
     return totals
 
-  return over_replicas(one, params, batch_stats, unroll=unroll)
+  return over_replicas(one, params, batch_stats, unroll=unroll, mesh=mesh,
+                       shared=(images, labels, mean, std))
 
 
 def average(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
@@ -306,7 +344,7 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
   model0 = model.clone(bn_momentum=0.0)
   n = data.train_images.shape[0]
 
-  def one(params, batch_stats, key):
+  def one(params, batch_stats, key, data):
     perm = jax.random.permutation(key, n).astype(jnp.int32)
 
     def body(total, i):
@@ -324,7 +362,8 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
     total, _ = jax.lax.scan(body, zeros, jnp.arange(num_batches))
     return jax.tree.map(lambda t: t / num_batches, total)
 
-  return over_replicas(one, params, batch_stats, keys, unroll=cfg.unroll)
+  return over_replicas(one, params, batch_stats, keys, unroll=cfg.unroll,
+                       mesh=mesh, shared=data)
 
 
 # XLA:CPU hands convolutions and reductions to YNNPACK, whose convolution

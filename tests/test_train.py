@@ -212,8 +212,14 @@ def test_killed_at_every_point_and_resumed_ends_as_uninterrupted(
       # Killed mid-write: orbax's temporary folder is left behind.
       assert list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
     if i and KILL_POINTS[i - 1] == 'step:phase2:18':
-      # Resumed from the newest checkpoint: phase-2 step 15 of 18 done.
-      assert 'resuming at step 15' in proc.stderr, proc.stderr[-3000:]
+      # Resumed from the newest complete checkpoint (phase-2 step 15, or 10
+      # if the kill caught 15 still being written): nothing more is lost.
+      assert resumable in (10, 15), resumable
+      assert f'resuming at step {resumable}' in proc.stderr, (
+          proc.stderr[-3000:])
+    done = [int(p.name) for p in (workdir / 'checkpoints').iterdir()
+            if p.name.isdigit()]
+    resumable = max(done, default=0) - 2  # Phase 2 starts at global step 2.
   assert not (workdir / 'summary.json').exists()
   summary = train.train_and_evaluate(_kill_config(data_dir), workdir)
   assert summary['phase2']['steps'] == 32
@@ -258,8 +264,12 @@ def test_a_full_disk_is_one_clear_line(data_dir, tmp_path, limit_kib):
   frames = [l for l in proc.stderr.splitlines() if l.startswith('  File ')]
   assert not [f for f in frames if 'jaxswap' in f or 'orbax' in f], (
       proc.stderr[-3000:])
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: ') and str(workdir) in last, last
+  # Our line is one write; TensorStore's noise may end just before it.
+  errors = [l[l.index('error: '):] for l in proc.stderr.splitlines()
+            if 'error: ' in l]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  last = errors[0]
+  assert str(workdir) in last, last
   assert 'File too large' in last and 'free space' in last.replace(
       'free some space', 'free space'), last
 

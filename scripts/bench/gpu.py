@@ -171,7 +171,8 @@ def main():
   if not gpus and not args.force_cpu:
     print(f'No GPU here (JAX sees {jax.devices()[0].platform} devices); '
           'gpu.py measures nothing on this machine. Run it where '
-          'jax.devices() lists a GPU (pip install "jax[cuda12]").')
+          'jax.devices() lists a GPU (pip install "jax[cuda13]", or '
+          '"jax[cuda12]").')
     return
   device = jax.devices()[0]
   kind = getattr(device, 'device_kind', device.platform)

@@ -89,7 +89,7 @@ def ready_train_step(state: step_lib.ReplicaState, images: jax.Array,
                          opt_state=opt_state, step=state.step + 1), metrics
 
   return step_lib.over_replicas(one, state, images, labels,
-                                unroll=cfg.unroll)
+                                unroll=cfg.unroll, mesh=mesh)
 
 
 class PhaseStep:
