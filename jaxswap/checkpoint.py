@@ -23,15 +23,13 @@ class CheckpointWriteError(OSError):
   """Orbax (or TensorStore under it) failed to write a checkpoint file."""
 
 
-def _write_errno(e: BaseException) -> int | None:
-  """The errno of `e` if it is a failure to write a file, else None.
+def _write_errno(e: Exception) -> int | None:
+  """The errno of a TensorStore failure to write a file, else None.
 
   TensorStore reports a failed write as a ValueError whose text carries the
   OS error code, and orbax raises it from a background thread at the next
   save or wait.
   """
-  if isinstance(e, OSError):
-    return e.errno
   text = str(e)
   code = re.search(r"os_error_code='?(\d+)", text)
   if code:
@@ -45,10 +43,10 @@ def _write_errno(e: BaseException) -> int | None:
 
 @contextlib.contextmanager
 def _writing():
-  """Turns any failure to write a checkpoint into CheckpointWriteError."""
+  """Turns TensorStore's failures to write into CheckpointWriteError."""
   try:
     yield
-  except CheckpointWriteError:
+  except OSError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     code = _write_errno(e)

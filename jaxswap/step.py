@@ -89,9 +89,9 @@ def over_replicas(fn: Callable, *args, unroll: bool = False, mesh=None,
   """
   extra = () if shared is None else (shared,)
   if mesh is not None and mesh.shape['replica'] > 1:
-    def local(*local):
-      return over_replicas(fn, *local[:len(args)], unroll=unroll,
-                           shared=local[len(args)] if extra else None)
+    def local(*parts):  # This device's replicas, and `shared` whole.
+      return over_replicas(fn, *parts[:len(args)], unroll=unroll,
+                           shared=parts[len(args)] if extra else None)
     specs = (jax.tree.map(lambda _: P('replica'), args)
              + jax.tree.map(lambda _: P(), extra))
     return jax.shard_map(local, mesh=mesh, in_specs=specs,
@@ -372,7 +372,7 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
 # reductions only makes the CPU step 1.6-2.1x faster with the same numbers
 # up to float32 re-association (docs/benchmarks.md). The option is marked
 # experimental, so a jaxlib that rejects it gets no options.
-_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                 'LIBRARY_FUSION_TYPE_REDUCE'}
 
 
@@ -387,13 +387,13 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   if backend != 'cpu' or os.environ.get('JAXSWAP_XLA_DEFAULTS'):
     return {}
   try:
-    jax.jit(lambda x: x.sum(), compiler_options=_CPU_OPTIONS).lower(
+    jax.jit(lambda x: x.sum(), compiler_options=CPU_OPTIONS).lower(
         jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('XLA rejects %s (%s); compiling with its defaults',
-                    _CPU_OPTIONS, str(e).splitlines()[0])
+                    CPU_OPTIONS, str(e).splitlines()[0])
     return {}
-  return dict(_CPU_OPTIONS)
+  return dict(CPU_OPTIONS)
 
 
 def jit(fn: Callable, **kwargs) -> Callable:

@@ -124,7 +124,7 @@ def test_augment_crops_within_padding_and_flips():
 def test_cpu_compiler_options_keep_the_numbers():
   """The trainer's XLA options on the CPU change speed, not the step."""
   options = step_lib.compiler_options()
-  assert options == step_lib._CPU_OPTIONS  # pylint: disable=protected-access
+  assert options == step_lib.CPU_OPTIONS
   arrays = helpers.synthetic_arrays()
   model = TinyCNN(num_classes=4)
   schedule, tx = helpers.sgd()
@@ -160,7 +160,7 @@ def fresh_options():
 def test_compiler_options_fall_back_when_xla_rejects_them(monkeypatch,
                                                          fresh_options):
   del fresh_options
-  monkeypatch.setattr(step_lib, '_CPU_OPTIONS',
+  monkeypatch.setattr(step_lib, 'CPU_OPTIONS',
                       {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH'})
   assert step_lib.compiler_options() == {}
 

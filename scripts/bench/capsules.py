@@ -172,6 +172,7 @@ def run_breakdown(setting):
   import optax  # pylint: disable=g-import-not-at-top
   from jaxcaps import configs  # pylint: disable=g-import-not-at-top
   from jaxcaps import model as capsnet  # pylint: disable=g-import-not-at-top
+  from jaxswap import step as step_lib  # pylint: disable=g-import-not-at-top
 
   class BackboneOnly(nn.Module):
     backbone: str
@@ -191,9 +192,7 @@ def run_breakdown(setting):
   tx = optax.sgd(0.1, momentum=0.9)
   whole = capsnet.from_config(configs.cifar10(setting['backbone']), 10)
   models = {'whole model': (whole, {}),
-            'whole model, YNN reduce only': (whole, {
-                'xla_cpu_experimental_ynn_fusion_type':
-                'LIBRARY_FUSION_TYPE_REDUCE'}),
+            'whole model, YNN reduce only': (whole, step_lib.CPU_OPTIONS),
             'whole model, conv_impl=reference': (capsnet.from_config(
                 configs.cifar10(setting['backbone']), 10,
                 conv_impl='reference'), {}),

@@ -170,6 +170,13 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
   print(f'Wrote {path}')
 
 
+def fake_devices_env(n: int) -> dict[str, str]:
+  """The environment of a child process with n fake CPU devices."""
+  return {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={n}'
+                        ).strip()}
+
+
 def run_child(argv: Sequence[str], timeout: float,
               env: dict[str, str] | None = None) -> dict[str, Any]:
   """Runs `python argv...` and parses the JSON on its last stdout line.

@@ -125,9 +125,7 @@ def main():
              'args': vars(args), 'rows': [], 'errors': []}
   me = os.path.abspath(__file__)
   for devices in args.devices:
-    env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
-                         f' --xla_force_host_platform_device_count={devices}'
-                         ).strip()}
+    env = common.fake_devices_env(devices)
     for w in args.replicas:
       base = dict(devices=devices, replicas=w, batch=args.batch,
                   width=args.width, input=args.input, rounds=args.rounds)

@@ -38,8 +38,9 @@ def parse_args(argv=None):
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--parts', nargs='+', default=['subprocess', 'in_process'],
                  choices=['subprocess', 'in_process'])
-  p.add_argument('--compiler_options', default='{}',
-                 help='JSON dict of XLA options for every step')
+  p.add_argument('--compiler_options', default=None,
+                 help="JSON dict of XLA options for every step (default: "
+                 "the trainer's; '{}' for XLA's defaults)")
   p.add_argument('--timeout', type=float, default=900)
   p.add_argument('--out', default=None)
   p.add_argument('--child', default=None, help=argparse.SUPPRESS)
@@ -109,6 +110,13 @@ def child_in_process(setting):
   return {'rows': rows}
 
 
+_STEP_COLUMNS = [
+    ('devices', 'devices', 'd'), ('global_batch', 'global batch', 'd'),
+    ('per_device_batch', 'per device', 'd'),
+    ('step_s', 'step s', '.3f'), ('images_per_s', 'images/s', ',.0f'),
+    ('vs_one_device', 'vs 1 device', '.2f')]
+
+
 def main():
   args = parse_args()
   if args.child:
@@ -119,12 +127,11 @@ def main():
   results = {'machine': common.machine(), 'versions': common.versions(),
              'args': vars(args), 'rows': [], 'in_process': [],
              'errors': []}
-  options = json.loads(args.compiler_options)
+  options = (None if args.compiler_options is None
+             else json.loads(args.compiler_options))
   me = os.path.abspath(__file__)
   for devices in args.devices if 'subprocess' in args.parts else []:
-    env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
-                         f' --xla_force_host_platform_device_count={devices}'
-                         ).strip()}
+    env = common.fake_devices_env(devices)
     setting = dict(devices=devices, batches=args.batches, width=args.width,
                    input=args.input, rounds=args.rounds,
                    compiler_options=options)
@@ -145,9 +152,7 @@ def main():
     setting = dict(in_process=True, devices=args.devices,
                    batches=args.batches, width=args.width, input=args.input,
                    rounds=args.rounds, compiler_options=options)
-    env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
-                         f' --xla_force_host_platform_device_count={most}'
-                         ).strip()}
+    env = common.fake_devices_env(most)
     got = common.run_child([me, '--child', json.dumps(setting)],
                            args.timeout, env)
     if 'error' in got:
@@ -161,11 +166,7 @@ def main():
       r['vs_one_device'] = r['images_per_s'] / base[r['global_batch']]
   print(f'\n### Phase 1, ResNet-9 width {args.width}, {args.input}, fake '
         'CPU devices\n')
-  print(common.table(results['rows'], [
-      ('devices', 'devices', 'd'), ('global_batch', 'global batch', 'd'),
-      ('per_device_batch', 'per device', 'd'),
-      ('step_s', 'step s', '.3f'), ('images_per_s', 'images/s', ',.0f'),
-      ('vs_one_device', 'vs 1 device', '.2f'),
+  print(common.table(results['rows'], _STEP_COLUMNS + [
       ('ready_images_per_s', 'ready batch images/s', ',.0f'),
       ('pipeline_share', 'pipeline share', '.0%'),
       ('pipeline_xla_peak_mib', 'XLA peak MiB', ',.0f'),
@@ -173,12 +174,8 @@ def main():
   if results['in_process']:
     print(f'\n### The same, one process with {max(args.devices)} fake '
           'devices, meshes over the first D, interleaved\n')
-    print(common.table(results['in_process'], [
-        ('devices', 'devices', 'd'), ('global_batch', 'global batch', 'd'),
-        ('per_device_batch', 'per device', 'd'),
-        ('step_s', 'step s', '.3f'), ('images_per_s', 'images/s', ',.0f'),
-        ('vs_one_device', 'vs 1 device', '.2f'),
-        ('spread', 'spread', '.0%')]))
+    print(common.table(results['in_process'],
+                       _STEP_COLUMNS + [('spread', 'spread', '.0%')]))
   for e in results['errors']:
     print(f'- {e["devices"]} devices: {e["error"]}')
   common.write_json(args.out, results)

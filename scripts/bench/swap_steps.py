@@ -27,8 +27,7 @@ from jaxswap.models.resnet9 import ResNet9
 # by default. NO_YNN turns them all off (convolutions then run on Eigen);
 # YNN_REDUCE keeps YNNPACK for the reductions only (see benchmarks.md).
 NO_YNN = {'xla_cpu_experimental_ynn_fusion_type': ''}
-YNN_REDUCE = {'xla_cpu_experimental_ynn_fusion_type':
-              'LIBRARY_FUSION_TYPE_REDUCE'}
+YNN_REDUCE = step_lib.CPU_OPTIONS
 
 
 def synthetic_arrays(n: int, shape: tuple[int, int, int], classes: int = 10,
@@ -103,7 +102,8 @@ class PhaseStep:
     unroll: `over_replicas` mode; None picks what the trainer picks on
       the CPU (unroll unless the replicas are one per device).
     ready: feed a batch already on the device instead of the pipeline.
-    compiler_options: XLA options of this one compilation.
+    compiler_options: XLA options of this one compilation; None is the
+      trainer's (`jaxswap.step.compiler_options()`), {} XLA's defaults.
     num_devices: devices of the mesh (the first ones of jax.devices()).
     n_train: size of the synthetic data set.
   """
@@ -155,7 +155,8 @@ class PhaseStep:
     jitted = jax.jit(fn, in_shardings=in_shardings,
                      out_shardings=(rep, whole), donate_argnums=0)
     self.compiled = jitted.lower(self.state, *self.inputs).compile(
-        compiler_options=compiler_options or {})
+        compiler_options=(step_lib.compiler_options()
+                          if compiler_options is None else compiler_options))
     self.metrics = None
 
   def __call__(self) -> None:

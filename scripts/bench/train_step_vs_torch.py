@@ -46,7 +46,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import swap_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxswap import step as step_lib  # pylint: disable=wrong-import-position
 from jaxswap.models import resnet9  # pylint: disable=wrong-import-position
 
 try:
@@ -234,12 +233,11 @@ def run_main(args):
       contenders = {}
       build = functools.partial(swap_steps.PhaseStep, model, 1, args.batch,
                                 shape, n_train=max(4096, 4 * args.batch))
-      ours = step_lib.compiler_options()
-      contenders['ours, pipeline'] = build(compiler_options=ours)
-      contenders['ours, ready batch'] = build(ready=True,
-                                              compiler_options=ours)
-      contenders['ours, pipeline, XLA defaults'] = build()
-      contenders['ours, ready batch, XLA defaults'] = build(ready=True)
+      contenders['ours, pipeline'] = build()
+      contenders['ours, ready batch'] = build(ready=True)
+      contenders['ours, pipeline, XLA defaults'] = build(compiler_options={})
+      contenders['ours, ready batch, XLA defaults'] = build(
+          ready=True, compiler_options={})
       notes = {}
       eager = []
       if torch is not None:
@@ -459,7 +457,8 @@ def run_parity(args):
   out = {}
   shape, width, b = (32, 32, 3), 0.25, 64
   model = swap_steps.resnet9(width)
-  a = swap_steps.PhaseStep(model, 1, b, shape, ready=True)
+  a = swap_steps.PhaseStep(model, 1, b, shape, ready=True,
+                           compiler_options={})
   z = swap_steps.PhaseStep(model, 1, b, shape, ready=True,
                            compiler_options=swap_steps.YNN_REDUCE)
   params0 = jax.device_get(jax.tree.map(lambda v: v[0], a.state.params))
@@ -482,7 +481,7 @@ def run_parity(args):
         f'{losses_a[-1]:.6f} vs {losses_z[-1]:.6f}', flush=True)
 
   nchw = swap_steps.PhaseStep(ResNet9NCHW(10, width), 1, b, shape,
-                              ready=True)
+                              ready=True, compiler_options={})
   nchw_params = jax.device_get(jax.tree.map(lambda v: v[0],
                                             nchw.state.params))
   init_diff = max(float(np.max(np.abs(p - q))) for p, q in zip(
