@@ -68,6 +68,7 @@ happens):
 """
 
 from collections.abc import Callable
+import functools
 import math
 
 import jax
@@ -214,9 +215,15 @@ def dynamic_fc_routing(child_pose: Array, weight: Array, num_routing: int,
 
 
 def dynamic_conv_routing(child_pose: Array, weight: Array, num_routing: int,
-                         *, stride: int,
-                         matrix_pose: bool = False) -> tuple[Array, Array]:
+                         *, stride: int, matrix_pose: bool = False,
+                         impl: str = 'chunked') -> tuple[Array, Array]:
   """Dynamic routing of a convolutional capsule layer (our variant).
+
+  The logits b_ij are sums of agreements <u_ij, v_j> with every earlier
+  iteration's parents, so they equal one agreement with the running sum of
+  those parents. The 'chunked' implementation uses that to route one
+  kernel offset at a time (`routing.conv_vote_sum`), never holding all the
+  votes; 'reference' builds them all and calls `dynamic_routing`.
 
   Args:
     child_pose: (..., H, W, N, *P) child capsules.
@@ -225,16 +232,38 @@ def dynamic_conv_routing(child_pose: Array, weight: Array, num_routing: int,
     num_routing: iterations, >= 1.
     stride: step between windows.
     matrix_pose: whether poses are matrices.
+    impl: 'chunked' or 'reference', as for the inverted routing.
 
   Returns:
     (parents (..., H', W', M, *P), couplings (..., H', W', k, k, N, M)):
     each window entry's couplings sum to one over the parent types of its
-    own output position only.
+    own output position only. The chunked path builds the couplings from
+    all votes only if the caller uses them (XLA drops them otherwise).
   """
-  votes = _window_votes(child_pose, weight, stride, matrix_pose)
-  parent, couplings = dynamic_routing(votes, num_routing,
-                                      matrix_pose=matrix_pose)
-  return parent, _unflatten_windows(couplings, weight)
+  if impl not in routing_lib.CONV_IMPLS:
+    raise ValueError(f'Unknown conv capsule impl {impl!r}; choose one of '
+                     f'{routing_lib.CONV_IMPLS}.')
+  if impl == 'reference':
+    votes = _window_votes(child_pose, weight, stride, matrix_pose)
+    parent, couplings = dynamic_routing(votes, num_routing,
+                                        matrix_pose=matrix_pose)
+    return parent, _unflatten_windows(couplings, weight)
+  _check_num_routing(num_routing)
+  # routing.agreement divides by sqrt(d); dynamic routing's dot does not.
+  unscale = math.sqrt(math.prod(child_pose.shape[child_pose.ndim
+                                                  - _pose_ndim(matrix_pose):]))
+  history = None  # sum of the earlier iterations' parents
+  for t in range(num_routing):
+    logit_parent = None if history is None else history * unscale
+    parent = squash(routing_lib.conv_vote_sum(
+        child_pose, weight, logit_parent, stride=stride,
+        matrix_pose=matrix_pose), matrix_pose=matrix_pose)
+    if t + 1 < num_routing:
+      history = parent if history is None else history + parent
+  couplings = routing_lib.conv_couplings(child_pose, weight, logit_parent,
+                                         stride=stride,
+                                         matrix_pose=matrix_pose)
+  return parent, couplings
 
 
 # ---------------------------------------------------------------- EM routing
@@ -355,9 +384,17 @@ def em_conv_routing(child_pose: Array, child_activation: Array,
                     weight: Array, beta_u: Array, beta_a: Array,
                     num_routing: int, *, stride: int,
                     inverse_temperature: float = 1.0,
-                    matrix_pose: bool = True,
-                    eps: float = 1e-6) -> tuple[Array, Array, Array]:
+                    matrix_pose: bool = True, eps: float = 1e-6,
+                    impl: str = 'chunked') -> tuple[Array, Array, Array]:
   """EM routing of a convolutional capsule layer.
+
+  The M-step needs the votes only through sums over the children, so the
+  'chunked' implementation accumulates them one kernel offset at a time
+  (`routing.conv_offset_scan`), in two passes per M-step: the assigned
+  mass and the weighted vote sum (hence the means), then the weighted
+  squared deviations from those means (the variances). The E-step's
+  assignments are recomputed inside each pass from the previous M-step's
+  Gaussians. 'reference' builds all votes and calls `em_routing`.
 
   Args:
     child_pose: (..., H, W, N, *P) child poses.
@@ -370,23 +407,94 @@ def em_conv_routing(child_pose: Array, child_activation: Array,
     inverse_temperature: lambda of the last M-step.
     matrix_pose: whether poses are matrices.
     eps: see `em_routing`.
+    impl: 'chunked' or 'reference', as for the inverted routing.
 
   Returns:
     (poses (..., H', W', M, *P), activations (..., H', W', M), assignments
     (..., H', W', k, k, N, M)). Unlike the paper, a window entry's
-    assignments sum to one over its own output position's parents.
+    assignments sum to one over its own output position's parents. The
+    chunked path builds the assignments from all votes only if the caller
+    uses them.
   """
+  if impl not in routing_lib.CONV_IMPLS:
+    raise ValueError(f'Unknown conv capsule impl {impl!r}; choose one of '
+                     f'{routing_lib.CONV_IMPLS}.')
+  if impl == 'reference':
+    votes = _window_votes(child_pose, weight, stride, matrix_pose)
+    # Activations as 1-vector poses, to cut them into the same windows.
+    windows = routing_lib.conv_windows(child_activation[..., None],
+                                       weight.shape[0], stride,
+                                       matrix_pose=False)
+    pose, parent_activation, assignments = em_routing(
+        votes, windows.reshape(windows.shape[:-4] + (-1,)), beta_u, beta_a,
+        num_routing, inverse_temperature=inverse_temperature,
+        matrix_pose=matrix_pose, eps=eps)
+    return pose, parent_activation, _unflatten_windows(assignments, weight)
+
+  pose_ndim = _pose_ndim(matrix_pose)
+  pose_shape = child_pose.shape[child_pose.ndim - pose_ndim:]
+  kernel, _, num_in = weight.shape[:3]
+  num_parents = weight.shape[-1]
+  h_axis = child_pose.ndim - 3 - pose_ndim
+  out_hw = tuple(routing_lib.conv_output_size(child_pose.shape[h_axis + i],
+                                              kernel, stride)
+                 for i in range(2))
+  # (..., H', W', M) and (..., H', W', M, d) accumulators.
+  lead = child_pose.shape[:h_axis] + out_hw + (num_parents,)
+  flat = lead + (math.prod(pose_shape),)
+  dtype = jnp.result_type(child_pose, weight)
+
+  def flat_votes(pose, offset_weight):
+    votes = routing_lib.fc_votes(pose, offset_weight, matrix_pose=matrix_pose)
+    return votes.reshape(votes.shape[:votes.ndim - pose_ndim] + (-1,))
+
+  def weighted_assignments(votes, activation, gaussians):
+    if gaussians is None:
+      return jnp.broadcast_to(activation[..., None] / num_parents,
+                              votes.shape[:-1])
+    return jnp.exp(_em_e_step(votes, *gaussians)) * activation[..., None]
+
+  def first_moments(gaussians, total, offset_children, offset_weight):
+    votes = flat_votes(offset_children[0], offset_weight)
+    weighted = weighted_assignments(votes, offset_children[1], gaussians)
+    return (total[0] + weighted.sum(-2),
+            total[1] + jnp.einsum('...nm,...nmd->...md', weighted, votes))
+
+  def second_moment(gaussians, mean, total, offset_children, offset_weight):
+    votes = flat_votes(offset_children[0], offset_weight)
+    weighted = weighted_assignments(votes, offset_children[1], gaussians)
+    deviation = jnp.square(votes - mean[..., None, :, :])
+    return total + jnp.einsum('...nm,...nmd->...md', weighted, deviation)
+
+  def scan(body, init):
+    return routing_lib.conv_offset_scan(
+        body, init, (child_pose, child_activation), weight, stride=stride,
+        matrix_pose=matrix_pose)
+
+  gaussians = previous = None
+  for temperature in em_inverse_temperatures(num_routing,
+                                             inverse_temperature):
+    mass, weighted_sum = scan(functools.partial(first_moments, gaussians),
+                              (jnp.zeros(lead, dtype), jnp.zeros(flat, dtype)))
+    mean = weighted_sum / (mass[..., None] + eps)
+    deviations = scan(functools.partial(second_moment, gaussians, mean),
+                      jnp.zeros(flat, dtype))
+    variance = deviations / (mass[..., None] + eps) + eps
+    # As in _em_m_step, with the mass per child rather than the sum.
+    cost = ((beta_u[:, None] + 0.5 * jnp.log(variance))
+            * (mass / (kernel * kernel * num_in))[..., None]).sum(-1)
+    logit = temperature * (beta_a - cost)
+    previous, gaussians = gaussians, (mean, variance, logit)
+
+  # The last M-step's assignments, from all votes; dead code unless used.
   votes = _window_votes(child_pose, weight, stride, matrix_pose)
-  kernel = weight.shape[0]
-  # Activations as 1-vector poses, to cut them into the same windows.
-  windows = routing_lib.conv_windows(child_activation[..., None], kernel,
-                                     stride, matrix_pose=False)
-  activation = windows.reshape(windows.shape[:-4] + (-1,))
-  pose, parent_activation, assignments = em_routing(
-      votes, activation, beta_u, beta_a, num_routing,
-      inverse_temperature=inverse_temperature, matrix_pose=matrix_pose,
-      eps=eps)
-  return pose, parent_activation, _unflatten_windows(assignments, weight)
+  votes = votes.reshape(votes.shape[:votes.ndim - pose_ndim] + (-1,))
+  if previous is None:
+    assignments = jnp.full(votes.shape[:-1], 1.0 / num_parents, votes.dtype)
+  else:
+    assignments = jnp.exp(_em_e_step(votes, *previous))
+  return (mean.reshape(mean.shape[:-1] + pose_shape), jax.nn.sigmoid(logit),
+          _unflatten_windows(assignments, weight))
 
 
 # --------------------------------------------------------------------- losses

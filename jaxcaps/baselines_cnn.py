@@ -1,4 +1,4 @@
-"""A CNN of the same depth and width as a capsule network, for comparison.
+"""CNN baselines of the capsule networks: a matched CNN and ResNet-18.
 
 The overlaid-digits experiment of Tsai et al. (ICLR 2020) compares the
 capsule network with a convolutional network that has as many layers and
@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jaxcaps import model as capsnet
 
 Array = jax.Array
+
+RESNET18_WIDTHS = (64, 128, 256, 512)
 
 
 class MatchedCNN(nn.Module):
@@ -152,3 +154,39 @@ def neurons_per_layer(model: nn.Module, input_shape: Sequence[int],
     output = intermediates[name]['__call__'][0]
     counts[name] = math.prod(output.shape[1:])
   return counts
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 for small images, the capsule paper's CNN baseline.
+
+  The CIFAR variant of He et al. (2016) that the paper's code trains: a
+  3x3 stem (no max pool), four stages of two basic blocks at 64, 128, 256
+  and 512 channels (times `width`; the last three stages start with stride
+  2), global average pooling and a dense classifier. It uses the capsule
+  network's `BasicBlock`, so it shares the resnet backbone's blocks.
+  11,173,962 parameters at width 1 on 32x32x3 images with 10 classes.
+
+  Attributes:
+    num_classes: units of the classifier.
+    width: multiplier of the stage widths (rounded, at least 1 channel).
+    bn_momentum: BatchNorm running-average decay, flax's convention.
+  """
+  num_classes: int
+  width: float = 1.0
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    widths = [max(1, round(w * self.width)) for w in RESNET18_WIDTHS]
+    x = nn.Conv(widths[0], (3, 3), padding=capsnet.PAD1, use_bias=False,
+                kernel_init=nn.initializers.he_normal(), name='stem_conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=capsnet.BN_EPS, name='stem_bn')(x)
+    x = nn.relu(x)
+    for stage, features in enumerate(widths):
+      for i in range(2):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = capsnet.BasicBlock(features, stride, self.bn_momentum,
+                               name=f'stage{stage + 1}_{i}')(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='logits')(x)

@@ -62,8 +62,19 @@ def mnist_small() -> ml_collections.ConfigDict:
                backbone_width=64, primary_caps=16)
 
 
+def routing_small() -> ml_collections.ConfigDict:
+  """The routing comparison's CPU-sized model, for 28x28 or 32x32 images.
+
+  `mnist_small` with 8 rather than 16 primary and conv capsule types: the
+  baselines route every layer to completion, and at 16 types their conv
+  layer alone runs under 30 images/s on 2 CPU cores.
+  """
+  return _base('simple', 16, [_conv(8, 3, 2), _fc(10)],
+               backbone_width=64, primary_caps=8)
+
+
 _CONFIGS = {'cifar10': cifar10, 'cifar100': cifar100,
-            'mnist_small': mnist_small}
+            'mnist_small': mnist_small, 'routing_small': routing_small}
 
 
 def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
@@ -73,8 +84,8 @@ def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
     raise ValueError(f'Unknown capsule config {name!r}; choose one of '
                      f'{sorted(_CONFIGS)}.')
   if backbone:
-    if name == 'mnist_small':
-      raise ValueError('mnist_small has a fixed simple backbone; drop the '
+    if name in ('mnist_small', 'routing_small'):
+      raise ValueError(f'{name} has a fixed simple backbone; drop the '
                        f'":{backbone}" suffix.')
     return _CONFIGS[name](backbone)
   return _CONFIGS[name]()

@@ -33,8 +33,8 @@ BACKBONES = ('resnet', 'simple')
 LAYER_TYPES = ('conv', 'fc')
 
 # Matches torch's default BatchNorm2d and LayerNorm epsilon.
-_BN_EPS = 1e-5
-_PAD1 = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' pads stride 2 unevenly
+BN_EPS = 1e-5
+PAD1 = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' pads stride 2 unevenly
 
 
 class CapsuleLayerSpec(NamedTuple):
@@ -58,11 +58,11 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     def norm(name):
       return nn.BatchNorm(use_running_average=not train,
-                          momentum=self.bn_momentum, epsilon=_BN_EPS,
+                          momentum=self.bn_momentum, epsilon=BN_EPS,
                           name=name)
 
     def conv(stride, name):
-      return nn.Conv(self.features, (3, 3), (stride, stride), padding=_PAD1,
+      return nn.Conv(self.features, (3, 3), (stride, stride), padding=PAD1,
                      use_bias=False, kernel_init=nn.initializers.he_normal(),
                      name=name)
 
@@ -83,10 +83,10 @@ class ResNetBackbone(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = nn.Conv(64, (3, 3), padding=_PAD1, use_bias=False,
+    x = nn.Conv(64, (3, 3), padding=PAD1, use_bias=False,
                 kernel_init=nn.initializers.he_normal(), name='stem_conv')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=_BN_EPS, name='stem_bn')(x)
+                     epsilon=BN_EPS, name='stem_bn')(x)
     x = nn.relu(x)
     for i in range(3):
       x = BasicBlock(64, 1, self.bn_momentum, name=f'block1_{i}')(x, train)
@@ -103,7 +103,7 @@ class SimpleBackbone(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm or dropout.
-    x = nn.Conv(self.features, (3, 3), (2, 2), padding=_PAD1,
+    x = nn.Conv(self.features, (3, 3), (2, 2), padding=PAD1,
                 name='conv')(x)
     return nn.relu(x)
 
@@ -281,6 +281,7 @@ class DynamicCapsules(nn.Module):
   pose_dim: int
   matrix_pose: bool = True
   num_routing: int = 3
+  conv_impl: str = 'chunked'
 
   @nn.compact
   def __call__(self, child_pose: Array) -> Array:
@@ -294,7 +295,7 @@ class DynamicCapsules(nn.Module):
     if self.spec.type == 'conv':
       return baselines.dynamic_conv_routing(
           child_pose, weight, self.num_routing, stride=self.spec.stride,
-          matrix_pose=self.matrix_pose)[0]
+          matrix_pose=self.matrix_pose, impl=self.conv_impl)[0]
     return baselines.dynamic_fc_routing(child_pose, weight, self.num_routing,
                                         matrix_pose=self.matrix_pose)[0]
 
@@ -305,6 +306,7 @@ class EMCapsules(nn.Module):
   pose_dim: int
   matrix_pose: bool = True
   num_routing: int = 3
+  conv_impl: str = 'chunked'
 
   @nn.compact
   def __call__(self, child_pose: Array,
@@ -326,7 +328,7 @@ class EMCapsules(nn.Module):
       pose, activation, _ = baselines.em_conv_routing(
           child_pose, child_activation, weight, beta_u, beta_a,
           self.num_routing, stride=self.spec.stride,
-          matrix_pose=self.matrix_pose)
+          matrix_pose=self.matrix_pose, impl=self.conv_impl)
     else:
       pose, activation, _ = baselines.em_fc_routing(
           child_pose, child_activation, weight, beta_u, beta_a,
@@ -356,7 +358,7 @@ class CapsNet(nn.Module):
       'dynamic' (Sabour et al. 2017; class capsule lengths) or 'em'
       (Hinton et al. 2018; class activations). The baselines route each
       layer to completion before the next, as their papers do, so
-      routing_mode and conv_impl do not apply to them; dynamic routing
+      routing_mode does not apply to them; dynamic routing
       has the paper's vector capsules with matrix_pose=False only.
   """
   num_classes: int
@@ -417,7 +419,8 @@ class CapsNet(nn.Module):
     _check_num_classes(specs, self.num_classes)
     for i, spec in enumerate(specs):
       pose = DynamicCapsules(spec, self.pose_dim, self.matrix_pose,
-                             self.num_routing, name=f'caps_{i}')(pose)
+                             self.num_routing, self.conv_impl,
+                             name=f'caps_{i}')(pose)
     return baselines.capsule_length(pose, matrix_pose=self.matrix_pose)
 
   def _em_activations(self, features: Array) -> Array:
@@ -428,8 +431,8 @@ class CapsNet(nn.Module):
     _check_num_classes(specs, self.num_classes)
     for i, spec in enumerate(specs):
       pose, activation = EMCapsules(spec, self.pose_dim, self.matrix_pose,
-                                    self.num_routing, name=f'caps_{i}')(
-                                        pose, activation)
+                                    self.num_routing, self.conv_impl,
+                                    name=f'caps_{i}')(pose, activation)
     return activation
 
 

@@ -40,7 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_size = 0       # held out of train, for model selection
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'resnet9'         # 'resnet9' | 'tiny_cnn' | 'capsnet'
+  # 'resnet9' | 'tiny_cnn' | 'capsnet' | 'resnet18' (the capsule
+  # paper's CNN baseline; `width` scales both ResNets)
+  c.model.name = 'resnet9'
   c.model.width = 0.25
   c.model.widths = config_dict.placeholder(tuple)  # ResNet-9's 4, or width
   c.model.bn_momentum = 0.9
@@ -112,7 +114,7 @@ RESUMABLE_KEYS = ('train.log_every', 'train.progress',
 
 _CHOICES = {
     'data.source': ('idx', 'image_folder', 'tfds'),
-    'model.name': ('resnet9', 'tiny_cnn', 'capsnet'),
+    'model.name': ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.capsule.backbone': ('resnet', 'simple'),
     'model.capsule.routing_mode': ('concurrent', 'sequential'),

@@ -260,15 +260,17 @@ def test_dynamic_fc_matches_numpy_over_iterations(matrix_pose):
   assert_sum_to_one_over_parents(couplings)
 
 
+@pytest.mark.parametrize('impl', ['chunked', 'reference'])
 @pytest.mark.parametrize('matrix_pose,stride,size',
                          [(True, 1, 5), (True, 2, 7), (False, 2, 5)])
 def test_dynamic_conv_matches_numpy_over_iterations(matrix_pose, stride,
-                                                    size):
+                                                    size, impl):
   child, weight, _ = random_conv(2, matrix_pose, size=size)
   num_routing = 3
   parent, couplings = jax.jit(functools.partial(
       baselines.dynamic_conv_routing, num_routing=num_routing,
-      stride=stride, matrix_pose=matrix_pose))(*f32(child, weight))
+      stride=stride, matrix_pose=matrix_pose, impl=impl))(
+          *f32(child, weight))
   out = (size - 3) // stride + 1
   chex.assert_shape(parent, (2, out, out, 3) + pose_shape(matrix_pose))
   chex.assert_shape(couplings, (2, out, out, 3, 3, 2, 3))
@@ -322,15 +324,18 @@ def test_em_fc_matches_numpy_over_iterations(matrix_pose):
   assert np.ptp(np.asarray(act)) > 0.05
 
 
+@pytest.mark.parametrize('impl', ['chunked', 'reference'])
 @pytest.mark.parametrize('matrix_pose,stride,size',
                          [(True, 1, 5), (True, 2, 7), (False, 1, 4)])
-def test_em_conv_matches_numpy_over_iterations(matrix_pose, stride, size):
+def test_em_conv_matches_numpy_over_iterations(matrix_pose, stride, size,
+                                               impl):
   child, weight, activation = random_conv(4, matrix_pose, size=size)
   beta_u, beta_a = random_betas(4, 3)
   num_routing = 3
   pose, act, assign = jax.jit(functools.partial(
       baselines.em_conv_routing, num_routing=num_routing, stride=stride,
-      inverse_temperature=EM_TEMPERATURE, matrix_pose=matrix_pose))(
+      inverse_temperature=EM_TEMPERATURE, matrix_pose=matrix_pose,
+      impl=impl))(
           *f32(child, activation, weight, beta_u, beta_a))
   out = (size - 3) // stride + 1
   chex.assert_shape((pose, act, assign),
@@ -561,3 +566,30 @@ def test_routing_field_defaults_and_checks():
   bad = capsnet.from_config(configs.mnist_small(), 10, routing='votes')
   with pytest.raises(ValueError, match="Unknown routing 'votes'"):
     bad.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+
+
+@pytest.mark.parametrize('num_routing', [1, 3])
+@pytest.mark.parametrize('routing', ['dynamic', 'em'])
+def test_chunked_conv_routing_has_the_reference_gradients(routing,
+                                                          num_routing):
+  child, weight, activation = random_conv(4, True, size=6)
+  beta_u, beta_a = random_betas(4, 3)
+
+  def loss(impl, child, weight, activation):
+    if routing == 'dynamic':
+      pose = baselines.dynamic_conv_routing(
+          child, weight, num_routing, stride=1, matrix_pose=True,
+          impl=impl)[0]
+      return jnp.sum(jnp.sin(pose))
+    pose, act, _ = baselines.em_conv_routing(
+        child, activation, weight, beta_u, beta_a, num_routing, stride=1,
+        inverse_temperature=EM_TEMPERATURE, impl=impl)
+    return jnp.sum(jnp.sin(pose)) + jnp.sum(jnp.cos(act))
+
+  grads = {impl: jax.jit(jax.grad(functools.partial(loss, impl),
+                                  argnums=(0, 1, 2)))(
+                                      *f32(child, weight, activation))
+           for impl in ('chunked', 'reference')}
+  chex.assert_trees_all_close(grads['chunked'], grads['reference'],
+                              atol=1e-4, rtol=1e-4)
+  assert all(np.abs(g).max() > 1e-3 for g in grads['chunked'][:2])

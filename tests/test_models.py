@@ -54,6 +54,36 @@ def test_registry_builds_each_model_and_refuses_unknown_names():
     assert cls is None or isinstance(model, cls)
   c.model.name = 'capsnet'
   assert type(models.build(c, 10)).__name__ == 'CapsNet'
+  c.model.name = 'resnet18'
+  assert type(models.build(c, 10)).__name__ == 'ResNet18'
   c.model.name = 'vgg'
   with pytest.raises(ValueError, match="model.name='vgg' is unknown"):
     models.build(c, 10)
+
+
+def test_resnet18_parameter_count_matches_the_cifar_network():
+  # Per stage of widths (c_in -> c): two blocks of two 3x3 convs and two
+  # BNs each, plus a 1x1 projection and its BN where the shape changes.
+  def stage(c_in, c):
+    convs = 9 * (c_in * c + 3 * c * c)
+    projection = (c_in * c + 2 * c) if c_in != c else 0
+    return convs + 2 * 4 * c + projection
+  want = (9 * 3 * 64 + 2 * 64 + stage(64, 64) + stage(64, 128)
+          + stage(128, 256) + stage(256, 512) + 512 * 10 + 10)
+  from jaxcaps import baselines_cnn
+  assert _count(baselines_cnn.ResNet18(10), (1, 32, 32, 3)) == want
+  assert want == 11_173_962  # torchvision-style CIFAR ResNet-18
+
+
+def test_resnet18_downsamples_three_times_and_takes_any_channels():
+  from jaxcaps import baselines_cnn
+  model = baselines_cnn.ResNet18(7, width=0.125)
+  for shape in [(2, 28, 28, 1), (2, 32, 32, 3)]:
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros(shape),
+                           train=False)
+    out, _ = model.apply(variables, jnp.ones(shape), train=True,
+                         mutable=['batch_stats'])
+    assert out.shape == (2, 7) and np.all(np.isfinite(out))
+  # Eighth width: the last stage has 512 / 8 channels.
+  assert variables['params']['stage4_1']['conv2']['kernel'].shape == (
+      3, 3, 64, 64)

@@ -12,7 +12,7 @@ import ml_collections
 from jaxswap.models.resnet9 import ResNet9
 from jaxswap.models.tiny import TinyCNN
 
-NAMES = ('resnet9', 'tiny_cnn', 'capsnet')
+NAMES = ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18')
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int):
@@ -30,5 +30,9 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
     from jaxcaps import model as capsnet
     return capsnet.from_config(m.capsule, num_classes,
                                bn_momentum=m.bn_momentum)
+  if m.name == 'resnet18':
+    from jaxcaps import baselines_cnn
+    return baselines_cnn.ResNet18(num_classes=num_classes, width=m.width,
+                                  bn_momentum=m.bn_momentum)
   raise ValueError(f'config.model.name={m.name!r} is unknown; choose one '
                    f'of {", ".join(NAMES)}')
