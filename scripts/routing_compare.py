@@ -34,22 +34,27 @@ from absl import app
 from absl import flags
 import numpy as np
 
-flags.DEFINE_string('config', 'configs/routing_compare.py',
-                    'Config file taking DATASET,MODEL as its argument.')
-flags.DEFINE_list('datasets', ['mnist', 'cifar10'], 'Data sets.')
-flags.DEFINE_list('models', ['inverted', 'dynamic', 'em', 'resnet18'],
-                  'Models: routings and the CNN baseline.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the main grid.')
-flags.DEFINE_list('iterations', ['1', '2', '3', '4'],
-                  'Routing iterations of the inverted-routing ablation; '
-                  'empty to skip it.')
-flags.DEFINE_string('ablation_seed', '0', 'Seed of the ablation runs.')
-flags.DEFINE_string('root', 'runs/routing_compare', 'Folder of the runs.')
-flags.DEFINE_multi_string('override', [], 'Extra --config.KEY=VALUE '
-                          'overrides for every run, e.g. phase1.max_epochs=1')
 FLAGS = flags.FLAGS
 
 _ITERATIONS_KEY = 'model.capsule.num_routing'
+
+
+def _define_flags():
+  # Defined only when run as a script, so that tests can import the
+  # tables beside other scripts that also take --config.
+  flags.DEFINE_string('config', 'configs/routing_compare.py',
+                      'Config file taking DATASET,MODEL as its argument.')
+  flags.DEFINE_list('datasets', ['mnist', 'cifar10'], 'Data sets.')
+  flags.DEFINE_list('models', ['inverted', 'dynamic', 'em', 'resnet18'],
+                    'Models: routings and the CNN baseline.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the main grid.')
+  flags.DEFINE_list('iterations', ['1', '2', '3', '4'],
+                    'Routing iterations of the inverted-routing ablation; '
+                    'empty to skip it.')
+  flags.DEFINE_string('ablation_seed', '0', 'Seed of the ablation runs.')
+  flags.DEFINE_string('root', 'runs/routing_compare', 'Folder of the runs.')
+  flags.DEFINE_multi_string('override', [], 'Extra --config.KEY=VALUE '
+                            'overrides for every run, e.g. phase1.max_epochs=1')
 
 
 def _main_job(config_arg: str, extra: list[str]) -> list[str]:
@@ -171,4 +176,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
