@@ -35,6 +35,8 @@ FLAGS = flags.FLAGS
 
 def _run(method: str, seed: str) -> pathlib.Path:
   workdir = pathlib.Path(FLAGS.root) / f'{method}_seed{seed}'
+  if (workdir / 'summary.json').exists():
+    return workdir  # finished: the trainer writes its summary last
   cmd = [sys.executable, '-m', 'jaxswap.main',
          f'--config={FLAGS.config}:{method}', f'--workdir={workdir}',
          f'--config.seed={seed}', '--config.train.progress=log']

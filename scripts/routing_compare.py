@@ -65,8 +65,16 @@ def _main_job(config_arg: str, extra: list[str]) -> list[str]:
 
 def _train(workdir: pathlib.Path, config_arg: str,
            extra: list[str]) -> dict:
-  """Trains (or resumes) one run; returns its summary and peak memory."""
+  """Trains (or resumes) one run; returns its summary and peak memory.
+
+  A run with its summary and memory already written (the trainer writes
+  summary.json last) is read back without starting a process.
+  """
   measured = workdir / 'peak_memory.json'
+  if measured.exists() and (workdir / 'summary.json').exists():
+    summary = json.loads((workdir / 'summary.json').read_text())
+    summary.update(json.loads(measured.read_text()))
+    return summary
   cmd = _main_job(config_arg, [f'--workdir={workdir}'] + extra)
   print('+', ' '.join(cmd), flush=True)
   process = subprocess.Popen(cmd)
@@ -84,12 +92,22 @@ def _train(workdir: pathlib.Path, config_arg: str,
   return summary
 
 
-def _step_bytes(config_arg: str, extra: list[str]) -> int | None:
-  """XLA's bytes for the compiled training step, from --dry_run."""
+def _step_bytes(workdir: pathlib.Path, config_arg: str,
+                extra: list[str]) -> int | None:
+  """XLA's bytes for the compiled training step, from --dry_run.
+
+  Kept in the run's work directory (step_bytes.json), as the peak memory
+  is, so that a rerun of the script compiles nothing again.
+  """
+  saved = workdir / 'step_bytes.json'
+  if saved.exists():
+    return json.loads(saved.read_text())['bytes_per_device']
   cmd = _main_job(config_arg, ['--dry_run'] + extra)
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-  return json.loads(out.stdout[out.stdout.index('{'):])[
+  step_bytes = json.loads(out.stdout[out.stdout.index('{'):])[
       'phase1']['bytes_per_device']
+  saved.write_text(json.dumps({'bytes_per_device': step_bytes}))
+  return step_bytes
 
 
 def _row(runs: list[dict]) -> dict:
@@ -149,7 +167,8 @@ def main(argv):
         summary = _train(workdir, arg, [f'--config.seed={seed}'])
         summary['workdir'] = str(workdir)
         runs.append(summary)
-      runs[0]['step_bytes'] = _step_bytes(arg, [])
+      runs[0]['step_bytes'] = _step_bytes(
+          pathlib.Path(runs[0]['workdir']), arg, [])
       grid[dataset, model] = _row(runs)
     for iterations in FLAGS.iterations:
       arg = f'{dataset},inverted'
@@ -162,7 +181,7 @@ def main(argv):
       summary = _train(root / name, arg,
                        routing + [f'--config.seed={FLAGS.ablation_seed}'])
       summary['workdir'] = str(root / name)
-      summary['step_bytes'] = _step_bytes(arg, routing)
+      summary['step_bytes'] = _step_bytes(root / name, arg, routing)
       ablation[dataset, int(iterations)] = _row([summary])
 
   text = tables(grid, ablation)

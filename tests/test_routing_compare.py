@@ -70,3 +70,15 @@ def test_tables_show_every_cell_and_the_ablation(script):
                       '| 1,024 | 150 |')
   assert lines[-1] == '| mnist | 1 | 85.00% | 1,500 | 2,048 | 1 |'
   assert script.tables(grid, {}).count('\n') == 3
+
+
+def test_a_finished_run_is_read_back_without_training_or_compiling(
+    script, tmp_path):
+  (tmp_path / 'summary.json').write_text('{"final": {"test_accuracy": 0.5}}')
+  (tmp_path / 'peak_memory.json').write_text('{"peak_rss_bytes": 7}')
+  (tmp_path / 'step_bytes.json').write_text('{"bytes_per_device": 9}')
+  # Were a process started, --config would be read from the unparsed
+  # flags and fail.
+  summary = script._train(tmp_path, 'mnist,em', [])
+  assert summary == {'final': {'test_accuracy': 0.5}, 'peak_rss_bytes': 7}
+  assert script._step_bytes(tmp_path, 'mnist,em', []) == 9
