@@ -178,11 +178,7 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     widths = [max(1, round(w * self.width)) for w in RESNET18_WIDTHS]
-    x = nn.Conv(widths[0], (3, 3), padding=capsnet.PAD1, use_bias=False,
-                kernel_init=nn.initializers.he_normal(), name='stem_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=capsnet.BN_EPS, name='stem_bn')(x)
-    x = nn.relu(x)
+    x = capsnet.resnet_stem(x, widths[0], self.bn_momentum, train)
     for stage, features in enumerate(widths):
       for i in range(2):
         stride = 2 if stage > 0 and i == 0 else 1

@@ -33,8 +33,8 @@ BACKBONES = ('resnet', 'simple')
 LAYER_TYPES = ('conv', 'fc')
 
 # Matches torch's default BatchNorm2d and LayerNorm epsilon.
-BN_EPS = 1e-5
-PAD1 = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' pads stride 2 unevenly
+_BN_EPS = 1e-5
+_PAD1 = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' pads stride 2 unevenly
 
 
 class CapsuleLayerSpec(NamedTuple):
@@ -58,11 +58,11 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     def norm(name):
       return nn.BatchNorm(use_running_average=not train,
-                          momentum=self.bn_momentum, epsilon=BN_EPS,
+                          momentum=self.bn_momentum, epsilon=_BN_EPS,
                           name=name)
 
     def conv(stride, name):
-      return nn.Conv(self.features, (3, 3), (stride, stride), padding=PAD1,
+      return nn.Conv(self.features, (3, 3), (stride, stride), padding=_PAD1,
                      use_bias=False, kernel_init=nn.initializers.he_normal(),
                      name=name)
 
@@ -77,17 +77,23 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
+def resnet_stem(x: Array, features: int, bn_momentum: float,
+                train: bool) -> Array:
+  """3x3 conv, BatchNorm, ReLU: call inside a compact module's __call__."""
+  x = nn.Conv(features, (3, 3), padding=_PAD1, use_bias=False,
+              kernel_init=nn.initializers.he_normal(), name='stem_conv')(x)
+  x = nn.BatchNorm(use_running_average=not train, momentum=bn_momentum,
+                   epsilon=_BN_EPS, name='stem_bn')(x)
+  return nn.relu(x)
+
+
 class ResNetBackbone(nn.Module):
   """3x3 conv stem (64), 3 blocks at 64, 4 at 128 (the first strided)."""
   bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = nn.Conv(64, (3, 3), padding=PAD1, use_bias=False,
-                kernel_init=nn.initializers.he_normal(), name='stem_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=BN_EPS, name='stem_bn')(x)
-    x = nn.relu(x)
+    x = resnet_stem(x, 64, self.bn_momentum, train)
     for i in range(3):
       x = BasicBlock(64, 1, self.bn_momentum, name=f'block1_{i}')(x, train)
     for i in range(4):
@@ -103,7 +109,7 @@ class SimpleBackbone(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm or dropout.
-    x = nn.Conv(self.features, (3, 3), (2, 2), padding=PAD1,
+    x = nn.Conv(self.features, (3, 3), (2, 2), padding=_PAD1,
                 name='conv')(x)
     return nn.relu(x)
 

@@ -10,7 +10,6 @@ a checkpoint.
 
 import contextlib
 import errno
-import logging as py_logging
 import os
 import pathlib
 import re
@@ -53,9 +52,6 @@ def _writing():
     code = _write_errno(e)
     if code is None:
       raise
-    # The same save's other files fail after this one, in futures nobody
-    # awaits any more; asyncio would log each with orbax's traceback.
-    py_logging.getLogger('asyncio').setLevel(py_logging.CRITICAL)
     raise CheckpointWriteError(code, os.strerror(code)) from e
 
 
