@@ -10,6 +10,7 @@ a checkpoint.
 
 import contextlib
 import errno
+import logging as py_logging
 import os
 import pathlib
 import re
@@ -52,6 +53,11 @@ def _writing():
     code = _write_errno(e)
     if code is None:
       raise
+    # The same save's other files fail after this one, in futures nobody
+    # awaits; asyncio logs each with orbax's traceback when they are
+    # collected, which happens while the error is still unwinding, so it
+    # is silenced here rather than where the run reports the error.
+    py_logging.getLogger('asyncio').setLevel(py_logging.CRITICAL)
     raise CheckpointWriteError(code, os.strerror(code)) from e
 
 

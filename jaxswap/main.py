@@ -102,10 +102,6 @@ def main(argv):
                                        FLAGS.overwrite)
   except (config_lib.ConfigError, errors.DataError,
           train.WorkdirError) as e:
-    # After a failed checkpoint write, the same save's other files fail in
-    # futures nobody awaits; asyncio would log each, with orbax's
-    # traceback, as the process exits.
-    py_logging.getLogger('asyncio').setLevel(py_logging.CRITICAL)
     logging.error('%s', e)
     # One write, so that a background thread's output cannot split it.
     sys.stderr.flush()
