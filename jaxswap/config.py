@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'idx'            # 'idx' | 'image_folder' | 'tfds'
+  # 'idx' | 'image_folder' | 'tfds' (all three read into memory), or
+  # 'tfds_stream': read per host with tf.data, for ImageNet-sized sets.
+  c.data.source = 'idx'
   c.data.name = 'fashion_mnist'
   c.data.path = config_dict.placeholder(str)
   c.data.cache_dir = config_dict.placeholder(str)
@@ -38,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop_padding = 2          # random crop after zero padding; 0: off
   c.data.flip = True               # random horizontal flip
   c.data.validation_size = 0       # held out of train, for model selection
+  # 'tfds_stream' only: the splits, and the side images are resized to
+  # (Inception-style random crops for training, a centre crop to test).
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.image_size = 224
 
   c.model = ml_collections.ConfigDict()
   # 'resnet9' | 'tiny_cnn' | 'capsnet' | 'resnet18' (the capsule
@@ -113,8 +120,9 @@ RESUMABLE_KEYS = ('train.log_every', 'train.progress',
                   'train.checkpoint_every', 'train.keep_checkpoints')
 
 _CHOICES = {
-    'data.source': ('idx', 'image_folder', 'tfds'),
-    'model.name': ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18'),
+    'data.source': ('idx', 'image_folder', 'tfds', 'tfds_stream'),
+    'model.name': ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18',
+                   'resnet50'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.capsule.backbone': ('resnet', 'simple'),
     'model.capsule.routing_mode': ('concurrent', 'sequential'),
@@ -128,7 +136,7 @@ _POSITIVE = ('phase1.batch_size', 'phase1.max_epochs', 'phase1.peak_lr',
              'phase2.epochs', 'phase2.peak_lr', 'phase3.bn_batches',
              'phase3.bn_batch_size', 'eval.batch_size', 'train.log_every',
              'train.checkpoint_every', 'train.keep_checkpoints',
-             'model.width', 'model.capsule.num_routing',
+             'model.width', 'model.capsule.num_routing', 'data.image_size',
              'model.capsule.pose_dim', 'model.capsule.primary_caps')
 _NON_NEGATIVE = ('phase1.warmup_epochs', 'phase1.final_lr',
                  'phase2.replicas', 'phase2.warmup_epochs',
@@ -215,6 +223,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'config.phase1.stop_accuracy={stop} is a training accuracy and '
         'must be in [0, 1] (or None to train to phase1.max_epochs)')
 
+  if flat['data.source'] == 'tfds_stream' and (
+      flat['data.mean'] is None or flat['data.std'] is None):
+    raise ConfigError(
+        'config.data.source=tfds_stream needs config.data.mean and '
+        'config.data.std (a stream is not read whole to compute them); for '
+        'ImageNet, mean=(0.485, 0.456, 0.406) and std=(0.229, 0.224, 0.225)')
+
   b = flat['phase1.batch_size']
   if b % num_devices:
     raise ConfigError(
@@ -280,6 +295,9 @@ def differences(saved: dict[str, Any], config: ml_collections.ConfigDict
                 ) -> list[str]:
   """Keys whose values differ between a saved flat config and this one."""
   now = json.loads(to_json(config))
+  # A key newer than the saved run, left at its default, changes nothing.
+  defaults = json.loads(to_json(base_config()))
   keys = sorted(set(saved) | set(now))
   return [k for k in keys
-          if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)]
+          if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)
+          and not (k not in saved and now.get(k) == defaults.get(k))]

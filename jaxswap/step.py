@@ -193,6 +193,46 @@ def _constrain(x, mesh, spec):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _sgd_step(state: ReplicaState, images: jax.Array, labels: jax.Array,
+              mean: jax.Array, std: jax.Array, *, model, tx, schedule, cfg,
+              mesh):
+  """One replica's SGD step on its (augmented, uint8) batch."""
+  images = _constrain(images, mesh, P('data'))
+  x = pipeline.normalize(images, mean, std, cfg.dtype)
+
+  objective = loss_fn_for(cfg, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, x,
+        train=True, mutable=['batch_stats'])
+    loss = objective(logits, labels)
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'lr': schedule(state.step),
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'update_norm': optax.global_norm(updates),
+  }
+  new = state.replace(params=params, batch_stats=batch_stats,
+                      opt_state=opt_state, step=state.step + 1)
+  if cfg.swa_every:
+    since = new.step - cfg.swa_start
+    take = (since >= 0) & (since % cfg.swa_every == 0)
+    new = new.replace(
+        swa_sum=jax.tree.map(lambda t, p: t + jnp.where(take, p, 0),
+                             state.swa_sum, params),
+        swa_count=state.swa_count + take.astype(jnp.int32))
+  return new, metrics
+
+
 def train_step(state: ReplicaState, data: pipeline.DeviceData,
                perm: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: Callable,
@@ -215,43 +255,37 @@ def train_step(state: ReplicaState, data: pipeline.DeviceData,
     images, labels = pipeline.train_batch(
         data, perm, state.step, cfg.batch_size, key, cfg.crop_padding,
         cfg.flip)
-    images = _constrain(images, mesh, P('data'))
-    x = pipeline.normalize(images, data.mean, data.std, cfg.dtype)
-
-    objective = loss_fn_for(cfg, state.step)
-
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, x,
-          train=True, mutable=['batch_stats'])
-      loss = objective(logits, labels)
-      return loss, (logits, updates.get('batch_stats', {}))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        'loss': loss,
-        'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-        'lr': schedule(state.step),
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
-        'update_norm': optax.global_norm(updates),
-    }
-    new = state.replace(params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, step=state.step + 1)
-    if cfg.swa_every:
-      since = new.step - cfg.swa_start
-      take = (since >= 0) & (since % cfg.swa_every == 0)
-      new = new.replace(
-          swa_sum=jax.tree.map(lambda t, p: t + jnp.where(take, p, 0),
-                               state.swa_sum, params),
-          swa_count=state.swa_count + take.astype(jnp.int32))
-    return new, metrics
+    return _sgd_step(state, images, labels, data.mean, data.std,
+                     model=model, tx=tx, schedule=schedule, cfg=cfg,
+                     mesh=mesh)
 
   return over_replicas(one, state, perm, unroll=cfg.unroll, mesh=mesh,
                        shared=data)
+
+
+def train_step_streamed(state: ReplicaState, images: jax.Array,
+                        labels: jax.Array, mean: jax.Array, std: jax.Array,
+                        *, model: nn.Module,
+                        tx: optax.GradientTransformation,
+                        schedule: Callable, cfg: StepConfig, mesh=None):
+  """`train_step` on a batch the host read and augmented.
+
+  Args:
+    state: (W, ...) replica states.
+    images: (W, B, H, W, C) uint8, each replica's batch.
+    labels: (W, B) int32.
+    mean, std: normalization constants.
+    model, tx, schedule, cfg, mesh: as for `train_step`.
+
+  Returns:
+    (new state, metrics dict of (W,) arrays).
+  """
+  def one(state, images, labels, norm):
+    return _sgd_step(state, images, labels, *norm, model=model, tx=tx,
+                     schedule=schedule, cfg=cfg, mesh=mesh)
+
+  return over_replicas(one, state, images, labels, unroll=cfg.unroll,
+                       mesh=mesh, shared=(mean, std))
 
 
 def evaluate(params: PyTree, batch_stats: PyTree, images: jax.Array,
@@ -364,6 +398,28 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
 
   return over_replicas(one, params, batch_stats, keys, unroll=cfg.unroll,
                        mesh=mesh, shared=data)
+
+
+def batch_statistics(params: PyTree, batch_stats: PyTree, images: jax.Array,
+                     mean: jax.Array, std: jax.Array, *, model: nn.Module,
+                     cfg: StepConfig, mesh=None) -> PyTree:
+  """The BN statistics of one (W, B, ...) uint8 batch, per replica.
+
+  The streamed form of `recompute_batch_stats`'s loop body: the caller
+  averages the results over its batches.
+  """
+  model0 = model.clone(bn_momentum=0.0)
+
+  def one(params, batch_stats, images, norm):
+    images = _constrain(images, mesh, P('data'))
+    x = pipeline.normalize(images, *norm, cfg.dtype)
+    _, updates = model0.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    return updates['batch_stats']
+
+  return over_replicas(one, params, batch_stats, images, unroll=cfg.unroll,
+                       mesh=mesh, shared=(mean, std))
 
 
 # XLA:CPU hands convolutions and reductions to YNNPACK, whose convolution

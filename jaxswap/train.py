@@ -44,6 +44,7 @@ from jaxswap import schedules
 from jaxswap import step as step_lib
 from jaxswap.data import pipeline
 from jaxswap.data import sources
+from jaxswap.data import stream as stream_lib
 
 # Fold-in constants that keep the random streams of the phases apart.
 _INIT, _PHASE1, _PHASE2, _PHASE3 = 0, 1, 2, 3
@@ -59,6 +60,31 @@ class Preempted(Exception):
 
 class WorkdirError(OSError):
   """The work directory cannot be written (permissions, a full disk)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedData:
+  """A data set the hosts stream (`jaxswap.data.stream`), not held in memory.
+
+  The trainer's stand-in for `pipeline.DeviceData`: the stream, and the
+  normalization constants.
+  """
+  stream: stream_lib.TfdsStream
+  mean: np.ndarray
+  std: np.ndarray
+
+
+def num_train(arrays) -> int:
+  """Training examples of in-memory or streamed data."""
+  if isinstance(arrays, StreamedData):
+    return arrays.stream.num_train
+  return arrays.train_images.shape[0]
+
+
+def image_shape(arrays) -> tuple[int, ...]:
+  if isinstance(arrays, StreamedData):
+    return arrays.stream.image_shape
+  return tuple(arrays.train_images.shape[1:])
 
 
 @dataclasses.dataclass
@@ -189,7 +215,8 @@ class _Run:
   def __init__(self, config, workdir: pathlib.Path, dataset, arrays, model):
     self.config, self.workdir = config, workdir
     self.dataset, self.arrays = dataset, arrays
-    self.n_train = arrays.train_images.shape[0]
+    self.n_train = num_train(arrays)
+    self.streamed = isinstance(arrays, StreamedData)
     self.model = model
     self.is_main = jax.process_index() == 0
     self.writer = metrics_lib.make_writer(workdir, self.is_main)
@@ -205,11 +232,18 @@ class _Run:
     self.preempted = True
 
   def data_on(self, mesh) -> pipeline.DeviceData:
-    """The data set, replicated on `mesh` (placed once per mesh)."""
+    """The data set, replicated on `mesh` (placed once per mesh).
+
+    Streamed data gives only the normalization constants, as (mean, std).
+    """
     cache = self._data
     if mesh not in cache:
       cache.clear()  # One mesh's copy at a time.
-      cache[mesh] = pipeline.put(self.arrays, NamedSharding(mesh, P()))
+      if self.streamed:
+        cache[mesh] = tuple(jax.device_put(a, NamedSharding(mesh, P()))
+                            for a in (self.arrays.mean, self.arrays.std))
+      else:
+        cache[mesh] = pipeline.put(self.arrays, NamedSharding(mesh, P()))
     return cache[mesh]
 
   def unroll(self, mesh, replicas: int) -> bool:
@@ -238,6 +272,8 @@ class _Run:
   def evaluate(self, mesh, params, batch_stats, split: str
                ) -> np.ndarray | None:
     """Accuracy of each replica on 'test' or 'val' (None if empty)."""
+    if self.streamed:
+      return self._evaluate_streamed(mesh, params, batch_stats, split)
     images = getattr(self.arrays, f'{split}_images')
     if images.shape[0] == 0:
       return None
@@ -254,6 +290,29 @@ class _Run:
     correct, _ = fn(params, batch_stats, getattr(data, f'{split}_images'),
                     getattr(data, f'{split}_labels'), data.mean, data.std)
     return np.asarray(jax.device_get(correct)) / images.shape[0]
+
+  def _evaluate_streamed(self, mesh, params, batch_stats, split: str):
+    if split != 'test':
+      return None  # A streamed run's held-out split is its eval_split.
+    replicas = jax.tree.leaves(params)[0].shape[0]
+    size = self.config.eval.batch_size
+    cache = self._eval_fns
+    if (mesh, replicas, 'streamed') not in cache:
+      one_batch = functools.partial(
+          step_lib.evaluate, model=self.model, batch_size=size,
+          dtype=self.dtype, mesh=mesh, unroll=self.unroll(mesh, replicas))
+      cache[mesh, replicas, 'streamed'] = step_lib.jit(
+          lambda p, b, x, y, mean, std: one_batch(p, b, x[0], y[0], mean,
+                                                  std),
+          out_shardings=NamedSharding(mesh, P()))
+    fn = cache[mesh, replicas, 'streamed']
+    mean, std = self.data_on(mesh)
+    correct = 0
+    for images, labels in self.arrays.stream.eval_batches(
+        'test', NamedSharding(mesh, P(None, 'data')), size):
+      correct += np.asarray(jax.device_get(
+          fn(params, batch_stats, images, labels, mean, std)[0]))
+    return correct / self.arrays.stream.num_test
 
   def save(self, ckpt_step: int, state, meta: dict[str, Any]) -> None:
     try:
@@ -275,19 +334,8 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   """
   mesh = phase.mesh
   rep = NamedSharding(mesh, P('replica'))
-  data = run.data_on(mesh)
-  cfg = run.step_config(phase.batch_size, mesh, phase.replicas, phase)
-  step_fn = step_lib.jit(
-      functools.partial(step_lib.train_step, model=run.model, tx=phase.tx,
-                        schedule=phase.schedule, cfg=cfg, mesh=mesh),
-      in_shardings=(rep, NamedSharding(mesh, P()), rep),
-      # Metrics are tiny; replicated, every process can read them.
-      out_shardings=(rep, NamedSharding(mesh, P())), donate_argnums=0)
-  perm_fn = step_lib.jit(
-      functools.partial(pipeline.permutations, n=run.n_train),
-      out_shardings=rep)
-
   start = meta.get('phase_step', 0)
+  step_fn, inputs = _step_and_inputs(run, phase, start)
   # Metrics carry the run's wall time so far, over all phases.
   offset = (meta.get('summary', {}).get('phase1', {}).get('seconds', 0.0)
             if phase.name != 'phase1' else 0.0)
@@ -310,7 +358,6 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   stopped_by = 'epoch cap'
   t0 = time.perf_counter()
   t_first, s_first = None, None
-  perm, perm_epoch = None, None
 
   def cursor(done, complete):
     return {'phase': phase.name, 'phase_step': done, 'complete': complete,
@@ -321,10 +368,7 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
 
   done = start
   for s in range(start, phase.total_steps):
-    epoch = s // phase.steps_per_epoch
-    if epoch != perm_epoch:
-      perm, perm_epoch = perm_fn(state.key, epoch), epoch
-    state, m = step_fn(state, data, perm)
+    state, m = step_fn(state, *inputs(state, s))
     m = jax.device_get(m)
     done = s + 1
     if t_first is None:
@@ -410,6 +454,52 @@ def _train_phase(run: _Run, phase: Phase, state, meta: dict[str, Any],
   return state, info, meta_out
 
 
+def _step_and_inputs(run: _Run, phase: Phase, start: int):
+  """The jitted step of `phase`, and `inputs(state, step)` of its data.
+
+  In memory, the step gathers its batch from the device-resident data by a
+  per-epoch permutation; streamed, the hosts read the batch and the step
+  takes it whole.
+  """
+  mesh = phase.mesh
+  rep = NamedSharding(mesh, P('replica'))
+  whole = NamedSharding(mesh, P())
+  cfg = run.step_config(phase.batch_size, mesh, phase.replicas, phase)
+  common = dict(model=run.model, tx=phase.tx, schedule=phase.schedule,
+                cfg=cfg, mesh=mesh)
+  # Metrics are tiny; replicated, every process can read them.
+  out = (rep, whole)
+  if run.streamed:
+    batch = NamedSharding(mesh, P('replica', 'data'))
+    step_fn = step_lib.jit(
+        functools.partial(step_lib.train_step_streamed, **common),
+        in_shardings=(rep, batch, batch, whole, whole), out_shardings=out,
+        donate_argnums=0)
+    phase_id = _PHASE1 if phase.name == 'phase1' else _PHASE2
+    batches = run.arrays.stream.train_batches(
+        phase_id, batch, phase.replicas, phase.batch_size,
+        phase.steps_per_epoch, start)
+    norm = run.data_on(mesh)
+    return step_fn, lambda state, s: (*next(batches), *norm)
+
+  step_fn = step_lib.jit(
+      functools.partial(step_lib.train_step, **common),
+      in_shardings=(rep, whole, rep), out_shardings=out, donate_argnums=0)
+  perm_fn = step_lib.jit(
+      functools.partial(pipeline.permutations, n=run.n_train),
+      out_shardings=rep)
+  data = run.data_on(mesh)
+  perms = {}
+
+  def inputs(state, s):
+    epoch = s // phase.steps_per_epoch
+    if epoch not in perms:
+      perms.clear()
+      perms[epoch] = perm_fn(state.key, epoch)
+    return data, perms[epoch]
+  return step_fn, inputs
+
+
 def _log_phase_start(phase: Phase, start: int):
   what = (f'{phase.replicas} replicas x batch {phase.batch_size}'
           if phase.replicas > 1 else f'global batch {phase.batch_size}')
@@ -421,7 +511,16 @@ def _log_phase_start(phase: Phase, start: int):
                f', resuming at step {start}' if start else '')
 
 
-def load_data(config) -> tuple[Any, pipeline.DeviceData]:
+def load_data(config) -> tuple[Any, pipeline.DeviceData | StreamedData]:
+  """The data set's description, and its splits (in memory or streamed)."""
+  if config.data.source == 'tfds_stream':
+    stream = stream_lib.from_config(config.data, config.seed)
+    data = StreamedData(stream, np.asarray(config.data.mean, np.float32),
+                        np.asarray(config.data.std, np.float32))
+    logging.info('Data %s (streamed): %d train, %d test images, resized '
+                 'to %s, %d classes.', stream.name, stream.num_train,
+                 stream.num_test, stream.image_shape, stream.num_classes)
+    return stream, data
   ds = sources.load(config.data)
   train_x, train_y, val_x, val_y = pipeline.split_validation(
       ds.train_images, ds.train_labels, config.data.validation_size,
@@ -454,8 +553,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config, jax.device_count())
   workdir = pathlib.Path(workdir)
   dataset, arrays = load_data(config)
-  phase1 = make_phase(config, 'phase1', arrays.train_images.shape[0])
-  phase2 = (make_phase(config, 'phase2', arrays.train_images.shape[0])
+  phase1 = make_phase(config, 'phase1', num_train(arrays))
+  phase2 = (make_phase(config, 'phase2', num_train(arrays))
             if config.phase2.replicas else None)
   try:
     model = models.build(config, dataset.num_classes)
@@ -511,7 +610,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   config_lib.validate(config, jax.device_count())
   dataset, arrays = load_data(config)
-  n = arrays.train_images.shape[0]
+  n = num_train(arrays)
   phases = [make_phase(config, 'phase1', n)]
   if config.phase2.replicas:
     phases.append(make_phase(config, 'phase2', n))
@@ -519,7 +618,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   run = _Run.__new__(_Run)
   run.config, run.arrays, run.model = config, arrays, model
   run.dtype = jnp.dtype(config.model.dtype)
-  sample = jnp.zeros((1,) + arrays.train_images.shape[1:], run.dtype)
+  sample = jnp.zeros((1,) + image_shape(arrays), run.dtype)
   plan = {'devices': jax.device_count(), 'train_examples': n}
   for phase in phases:
     rep = NamedSharding(phase.mesh, P('replica'))
@@ -529,19 +628,31 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state = jax.tree.map(
         lambda x, rep=rep: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                 sharding=rep), shapes)
-    data = jax.tree.map(
-        lambda a, m=phase.mesh: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=NamedSharding(m, P())),
-        pipeline.DeviceData(*map(np.asarray, arrays)))
-    perm = jax.ShapeDtypeStruct((phase.replicas, n), jnp.int32,
-                                sharding=rep)
+    whole = NamedSharding(phase.mesh, P())
+    if isinstance(arrays, StreamedData):
+      batch = NamedSharding(phase.mesh, P('replica', 'data'))
+      shape = (phase.replicas, phase.batch_size)
+      inputs = (jax.ShapeDtypeStruct(shape + image_shape(arrays), jnp.uint8,
+                                     sharding=batch),
+                jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch),
+                *(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole)
+                  for a in (arrays.mean, arrays.std)))
+      train_step = step_lib.train_step_streamed
+    else:
+      data = jax.tree.map(
+          lambda a, w=whole: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                  sharding=w),
+          pipeline.DeviceData(*map(np.asarray, arrays)))
+      perm = jax.ShapeDtypeStruct((phase.replicas, n), jnp.int32,
+                                  sharding=rep)
+      inputs = (data, perm)
+      train_step = step_lib.train_step
     step_fn = step_lib.jit(functools.partial(
-        step_lib.train_step, model=model, tx=phase.tx,
-        schedule=phase.schedule,
+        train_step, model=model, tx=phase.tx, schedule=phase.schedule,
         cfg=run.step_config(phase.batch_size, phase.mesh, phase.replicas,
                             phase),
         mesh=phase.mesh), donate_argnums=0)
-    memory = step_fn.lower(state, data, perm).compile().memory_analysis()
+    memory = step_fn.lower(state, *inputs).compile().memory_analysis()
     per_device = None
     if memory is not None:
       per_device = int(memory.argument_size_in_bytes
@@ -649,7 +760,7 @@ def _run_phases(run: _Run, phase1: Phase, phase2: Phase | None):
 
 
 def arrays_shape(run: _Run) -> tuple[int, ...]:
-  return tuple(run.arrays.train_images.shape[1:])
+  return image_shape(run.arrays)
 
 
 def _start_phase2(run: _Run, phase2: Phase, state):
@@ -693,18 +804,46 @@ def _average(run: _Run, phase1: Phase, phase2: Phase, state, summary,
   mesh = phase1.mesh
   rep = NamedSharding(mesh, P('replica'))
   params, batch_stats = jax.device_put(jax.device_get(avg), rep)
-  recompute = step_lib.jit(functools.partial(
-      step_lib.recompute_batch_stats, model=run.model,
-      num_batches=config.phase3.bn_batches,
-      cfg=run.step_config(config.phase3.bn_batch_size, mesh, 1), mesh=mesh),
-      out_shardings=rep)
-  keys = jax.device_put(_replica_keys(config.seed, _PHASE3, 1), rep)
-  batch_stats = recompute(params, batch_stats, keys, run.data_on(mesh))
+  cfg = run.step_config(config.phase3.bn_batch_size, mesh, 1)
+  if run.streamed:
+    batch_stats = _recompute_streamed(run, mesh, cfg, params, batch_stats)
+  else:
+    recompute = step_lib.jit(functools.partial(
+        step_lib.recompute_batch_stats, model=run.model,
+        num_batches=config.phase3.bn_batches, cfg=cfg, mesh=mesh),
+        out_shardings=rep)
+    keys = jax.device_put(_replica_keys(config.seed, _PHASE3, 1), rep)
+    batch_stats = recompute(params, batch_stats, keys, run.data_on(mesh))
   jax.block_until_ready(batch_stats)
   summary['phase3'] = {'seconds': time.perf_counter() - t0,
                        'bn_batches': config.phase3.bn_batches,
                        'averaged_replicas': int(weights.sum())}
   return _finish(run, summary, mesh, params, batch_stats, ckpt_step)
+
+
+def _recompute_streamed(run: _Run, mesh, cfg, params, batch_stats):
+  """`recompute_batch_stats` over streamed batches: their plain average."""
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  n = run.config.phase3.bn_batches
+  spe = run.n_train // cfg.batch_size
+  if n > spe:
+    raise config_lib.ConfigError(
+        f'config.phase3.bn_batches={n} batches of {cfg.batch_size} exceed '
+        f'the {spe} of one epoch; use at most {spe}')
+  rep = NamedSharding(mesh, P('replica'))
+  batch = NamedSharding(mesh, P('replica', 'data'))
+  fn = step_lib.jit(functools.partial(
+      step_lib.batch_statistics, model=run.model, cfg=cfg, mesh=mesh),
+      out_shardings=rep)
+  batches = run.arrays.stream.train_batches(_PHASE3, batch, 1, cfg.batch_size,
+                                            spe, 0)
+  total = None
+  for _ in range(n):
+    images, _ = next(batches)
+    stats = fn(params, batch_stats, images, *run.data_on(mesh))
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+  return jax.tree.map(lambda t: t / n, total)
 
 
 def _finish(run: _Run, summary, mesh, params, batch_stats, ckpt_step):

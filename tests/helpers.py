@@ -7,6 +7,7 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxswap import schedules
 from jaxswap import step as step_lib
@@ -65,3 +66,17 @@ def write_idx_dataset(folder: pathlib.Path, n_train=512, n_test=128,
       images[i, 8:10 + 2 * y, 8:10 + 2 * y] = 250
     write_idx(folder / f'{prefix}-images-idx3-ubyte.gz', images)
     write_idx(folder / f'{prefix}-labels-idx1-ubyte.gz', labels)
+
+
+def final_params(workdir: pathlib.Path):
+  """The parameters of a work directory's newest checkpoint."""
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  path = workdir / 'checkpoints' / str(steps[-1]) / 'state'
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=one_device), meta)
+    return ckptr.restore(path, like)

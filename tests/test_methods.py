@@ -26,7 +26,8 @@ def _epochs(c):
 
 @pytest.mark.parametrize('name,arg_prefix,devices', [
     ('compare_fashion_mnist', '', 1), ('compare_cifar10', '', 1),
-    ('swap_cifar', 'cifar10,', 8), ('swap_cifar', 'cifar100,', 8)])
+    ('swap_cifar', 'cifar10,', 8), ('swap_cifar', 'cifar100,', 8),
+    ('swap_imagenet', '', 8), ('swap_imagenet', '', 32)])
 def test_every_method_is_a_valid_config_on_one_budget(name, arg_prefix,
                                                        devices):
   module = _config_module(name)

@@ -13,7 +13,6 @@ import chex
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxswap import config as config_lib
@@ -59,19 +58,6 @@ def data_dir(tmp_path_factory):
   return folder
 
 
-def _final_params(workdir: pathlib.Path):
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
-                 if p.name.isdigit())
-  path = workdir / 'checkpoints' / str(steps[-1]) / 'state'
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, 'item_metadata', meta)
-    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-        m.shape, m.dtype, sharding=one_device), meta)
-    return ckptr.restore(path, like)
-
-
 def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
                                                             tmp_path):
   summary = train.train_and_evaluate(small_config(data_dir), tmp_path / 'w')
@@ -97,7 +83,7 @@ def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
 
   # A corrupted newest checkpoint is skipped for the one before it, from
   # which phase 3 is redone to the same final model.
-  want = _final_params(w)
+  want = helpers.final_params(w)
   newest = max(int(p.name) for p in (w / 'checkpoints').iterdir()
                if p.name.isdigit())
   for f in (w / 'checkpoints' / str(newest)).rglob('*'):
@@ -105,7 +91,7 @@ def test_swap_runs_all_phases_and_writes_the_work_directory(data_dir,
       f.write_bytes(b'\0garbage')
   redone = train.train_and_evaluate(small_config(data_dir), w)
   assert redone['final'] == summary['final']
-  chex.assert_trees_all_equal(_final_params(w), want)
+  chex.assert_trees_all_equal(helpers.final_params(w), want)
 
 
 def _kill_config(data_dir):
@@ -121,7 +107,7 @@ def straight_params(data_dir, tmp_path_factory):
   """Final parameters of the kill tests' run, uninterrupted."""
   workdir = tmp_path_factory.mktemp('straight')
   train.train_and_evaluate(_kill_config(data_dir), workdir)
-  return _final_params(workdir)
+  return helpers.final_params(workdir)
 
 
 def _kill_config_file(data_dir, tmp_path) -> pathlib.Path:
@@ -173,7 +159,8 @@ def test_resume_after_sigkill_in_phase2_ends_with_same_parameters(
   assert not (workdir / 'summary.json').exists()
   summary = train.train_and_evaluate(_kill_config(data_dir), workdir)
   assert summary['phase2']['steps'] == 32
-  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+  chex.assert_trees_all_equal(helpers.final_params(workdir),
+                              straight_params)
 
 
 # Where the chain below kills its run, in order; each is reached by the run
@@ -224,7 +211,8 @@ def test_killed_at_every_point_and_resumed_ends_as_uninterrupted(
   summary = train.train_and_evaluate(_kill_config(data_dir), workdir)
   assert summary['phase2']['steps'] == 32
   assert json.loads((workdir / 'summary.json').read_text()) == summary
-  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+  chex.assert_trees_all_equal(helpers.final_params(workdir),
+                              straight_params)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path,
@@ -238,7 +226,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path,
            if p.name.isdigit()]
   assert max(steps) > 2   # Saved in phase 2, where it was stopped.
   train.train_and_evaluate(_kill_config(data_dir), workdir)
-  chex.assert_trees_all_equal(_final_params(workdir), straight_params)
+  chex.assert_trees_all_equal(helpers.final_params(workdir),
+                              straight_params)
 
 
 @pytest.mark.parametrize('limit_kib', [1, 16])
@@ -447,8 +436,8 @@ def test_two_processes_train_the_same_model_as_one(data_dir, tmp_path):
   assert 'Process 0 of 2, 4 of 8 devices local' in text
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['phase2']['steps'] == 4
-  chex.assert_trees_all_close(_final_params(workdir), _final_params(one),
-                              atol=1e-3, rtol=2e-3)
+  chex.assert_trees_all_close(helpers.final_params(workdir),
+                              helpers.final_params(one), atol=1e-3, rtol=2e-3)
 
 
 def test_sequential_swa_is_phase2_with_one_averaging_replica(data_dir,

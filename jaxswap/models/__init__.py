@@ -9,10 +9,11 @@ model with 0.0 to read plain batch statistics).
 import jax.numpy as jnp
 import ml_collections
 
+from jaxswap.models.resnet50 import ResNet50
 from jaxswap.models.resnet9 import ResNet9
 from jaxswap.models.tiny import TinyCNN
 
-NAMES = ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18')
+NAMES = ('resnet9', 'tiny_cnn', 'capsnet', 'resnet18', 'resnet50')
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int):
@@ -34,5 +35,8 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
     from jaxcaps import baselines_cnn
     return baselines_cnn.ResNet18(num_classes=num_classes, width=m.width,
                                   bn_momentum=m.bn_momentum)
+  if m.name == 'resnet50':
+    return ResNet50(num_classes=num_classes, width=m.width,
+                    bn_momentum=m.bn_momentum, dtype=dtype)
   raise ValueError(f'config.model.name={m.name!r} is unknown; choose one '
                    f'of {", ".join(NAMES)}')
