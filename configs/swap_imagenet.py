@@ -25,9 +25,13 @@ NOTE: the paper's own stopping accuracy, replica count and phase-2
 schedule are not known to us, and this config has not been run: it is
 checked by `tests/test_stream.py` on mock data only.
 
-  python -m jaxswap.main --config configs/swap_imagenet.py:swap \
-      --workdir gs://BUCKET/swap_imagenet \
+  bash scripts/tpu/run.sh configs/swap_imagenet.py:swap runs/imagenet \
       --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets
+
+tfds reads the data from gs:// directly. The work directory must be on
+the workers' disks (the trainer does not write to gs:// yet), so on a
+slice of several hosts a stopped run resumes only while those disks last
+(scripts/tpu/README.md).
 """
 
 from jaxswap import config as config_lib
