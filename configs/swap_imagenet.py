@@ -30,8 +30,8 @@ checked by `tests/test_stream.py` on mock data only.
 
 tfds reads the data from gs:// directly. The work directory must be on
 the workers' disks (the trainer does not write to gs:// yet), so on a
-slice of several hosts a stopped run resumes only while those disks last
-(scripts/tpu/README.md).
+slice of several hosts each keeps its own part of the checkpoints and a
+stopped run cannot resume (scripts/tpu/README.md).
 """
 
 from jaxswap import config as config_lib
