@@ -17,7 +17,7 @@ label smoothing 0.1, a linear warm-up, the rate 0.1 per 256 images, for a
 SWAP replica take 1024 images a step; large-batch SGD and SWAP's phase 1
 double it, with the rate, as the paper does. SWAP stops phase 1 at 70%
 training accuracy and trains 8 replicas for the last 6 epochs. The
-batches are sized for 32 accelerators (a TPU v3-32 or v4-32): 64 images
+batches are sized for 32 JAX devices (a TPU v3-32 or v5e-32): 64 images
 per device in phase 1, and in phase 2 each replica on 4 devices at 256
 each.
 

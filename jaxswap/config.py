@@ -40,11 +40,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop_padding = 2          # random crop after zero padding; 0: off
   c.data.flip = True               # random horizontal flip
   c.data.validation_size = 0       # held out of train, for model selection
-  # 'tfds_stream' only: the splits, and the side images are resized to
-  # (Inception-style random crops for training, a centre crop to test).
+  # 'tfds_stream' only: the splits, the side images are resized to
+  # (Inception-style random crops and flips for training, a centre crop to
+  # test; crop_padding and flip above are for the in-memory sources), and
+  # the shuffle buffer of each replica on each host, in encoded examples
+  # (about 110 kB each for ImageNet).
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.image_size = 224
+  c.data.shuffle_buffer = 10_000
 
   c.model = ml_collections.ConfigDict()
   # 'resnet9' | 'tiny_cnn' | 'capsnet' | 'resnet18' (the capsule
@@ -137,6 +141,7 @@ _POSITIVE = ('phase1.batch_size', 'phase1.max_epochs', 'phase1.peak_lr',
              'phase3.bn_batch_size', 'eval.batch_size', 'train.log_every',
              'train.checkpoint_every', 'train.keep_checkpoints',
              'model.width', 'model.capsule.num_routing', 'data.image_size',
+             'data.shuffle_buffer',
              'model.capsule.pose_dim', 'model.capsule.primary_caps')
 _NON_NEGATIVE = ('phase1.warmup_epochs', 'phase1.final_lr',
                  'phase2.replicas', 'phase2.warmup_epochs',
@@ -223,12 +228,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'config.phase1.stop_accuracy={stop} is a training accuracy and '
         'must be in [0, 1] (or None to train to phase1.max_epochs)')
 
-  if flat['data.source'] == 'tfds_stream' and (
-      flat['data.mean'] is None or flat['data.std'] is None):
-    raise ConfigError(
-        'config.data.source=tfds_stream needs config.data.mean and '
-        'config.data.std (a stream is not read whole to compute them); for '
-        'ImageNet, mean=(0.485, 0.456, 0.406) and std=(0.229, 0.224, 0.225)')
+  if flat['data.source'] == 'tfds_stream':
+    _validate_stream(flat)
 
   b = flat['phase1.batch_size']
   if b % num_devices:
@@ -249,6 +250,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(
           f'config.{name}={flat[name]} is not divisible by the '
           f'{num_devices} devices; use a multiple of {num_devices}')
+
+
+def _validate_stream(flat: dict[str, Any]) -> None:
+  """The checks of a 'tfds_stream' data config."""
+  for name in ('data.mean', 'data.std'):
+    value = flat[name]
+    if value is None or len(value) != 3:
+      raise ConfigError(
+          f'config.{name}={value!r}: a streamed data set needs the mean '
+          'and std of its three channels (it is not read whole to compute '
+          'them); for ImageNet, mean=(0.485, 0.456, 0.406) and '
+          'std=(0.229, 0.224, 0.225)')
+  v = flat['data.validation_size']
+  if v:
+    split = flat['data.train_split']
+    raise ConfigError(
+        f'config.data.validation_size={v}: a streamed data set holds no '
+        f'examples out itself; set data.train_split={split + f"[{v}:]"!r} '
+        f'and data.eval_split={split + f"[:{v}]"!r} instead, or 0')
 
 
 def mesh_shape(replicas: int, num_devices: int) -> tuple[int, int]:

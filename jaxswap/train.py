@@ -827,10 +827,6 @@ def _recompute_streamed(run: _Run, mesh, cfg, params, batch_stats):
     return batch_stats
   n = run.config.phase3.bn_batches
   spe = run.n_train // cfg.batch_size
-  if n > spe:
-    raise config_lib.ConfigError(
-        f'config.phase3.bn_batches={n} batches of {cfg.batch_size} exceed '
-        f'the {spe} of one epoch; use at most {spe}')
   rep = NamedSharding(mesh, P('replica'))
   batch = NamedSharding(mesh, P('replica', 'data'))
   fn = step_lib.jit(functools.partial(

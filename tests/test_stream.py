@@ -50,37 +50,62 @@ class FakeSharding:
 
 def test_one_process_feeds_the_whole_batch():
   mesh = jax.make_mesh((2, 4), ('replica', 'data'))
-  lay = stream_lib.layout(NamedSharding(mesh, P('replica', 'data')), (4, 32))
-  assert lay == stream_lib.Layout(replicas=(0, 4), rows=(0, 32), shard=0,
-                                  num_shards=1)
-  assert lay.local_shape == (4, 32)
+  feeds = stream_lib.layout(NamedSharding(mesh, P('replica', 'data')),
+                            (4, 32))
+  rows = ((0, 8), (8, 16), (16, 24), (24, 32))
+  assert feeds == tuple(stream_lib.Feed(r, rows, 0, 1) for r in range(4))
+  assert feeds[0].size == 32
 
 
 @pytest.mark.parametrize('hosts,shape,expected', [
     # Phase 1 on 2 hosts of 4 devices: one replica, its rows split.
     ([[0, 0, 0, 0, 1, 1, 1, 1]], (1, 64),
-     [((0, 1), (0, 32), 0, 2), ((0, 1), (32, 64), 1, 2)]),
+     [[(0, 0, 32, 0, 2)], [(0, 32, 64, 1, 2)]]),
+    # The same where the mesh interleaves the hosts' devices.
+    ([[0, 1, 0, 1, 0, 1, 0, 1]], (1, 64),
+     [[(0, 0, 32, 0, 2)], [(0, 32, 64, 1, 2)]]),
     # 8 replicas, one per device: each host feeds 4 whole replicas.
     ([[0], [0], [0], [0], [1], [1], [1], [1]], (8, 16),
-     [((0, 4), (0, 16), 0, 1), ((4, 8), (0, 16), 0, 1)]),
+     [[(r, 0, 16, 0, 1) for r in range(4)],
+      [(r, 0, 16, 0, 1) for r in range(4, 8)]]),
     # 2 replicas over 4 hosts: each replica's rows split over 2 hosts.
     ([[0, 0, 1, 1], [2, 2, 3, 3]], (2, 8),
-     [((0, 1), (0, 4), 0, 2), ((0, 1), (4, 8), 1, 2),
-      ((1, 2), (0, 4), 0, 2), ((1, 2), (4, 8), 1, 2)]),
+     [[(0, 0, 4, 0, 2)], [(0, 4, 8, 1, 2)], [(1, 0, 4, 0, 2)],
+      [(1, 4, 8, 1, 2)]]),
 ])
 def test_hosts_split_each_replica_into_disjoint_shards(hosts, shape,
                                                        expected):
   sharding = FakeSharding(np.array(hosts))
-  got = [stream_lib.layout(sharding, shape, process=p)
-         for p in range(len(expected))]
-  assert [(g.replicas, g.rows, g.shard, g.num_shards) for g in got] == [
-      tuple(e) for e in expected]
+  for process, want in enumerate(expected):
+    feeds = stream_lib.layout(sharding, shape, process=process)
+    # (replica, rows held, shard, shards), the rows counted, not listed.
+    assert [(f.replica, f.size, f.shard, f.num_shards) for f in feeds] == [
+        (r, stop - start, shard, n) for r, start, stop, shard, n in want]
+  # Together the hosts hold every row of every replica exactly once.
+  for r in range(shape[0]):
+    rows = sorted(b for p in range(len(expected))
+                  for f in stream_lib.layout(sharding, shape, process=p)
+                  if f.replica == r for b in f.rows)
+    assert sum(b - a for a, b in rows) == shape[1]
+    assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:]))
 
 
-def test_a_host_holding_a_scattered_block_is_refused():
-  sharding = FakeSharding(np.array([[0, 1, 0, 1]]))
-  with pytest.raises(ValueError, match='non-rectangular'):
+def test_hosts_holding_unequal_rows_are_refused():
+  sharding = FakeSharding(np.array([[0, 0, 0, 1]]))
+  with pytest.raises(ValueError, match='unevenly'):
     stream_lib.layout(sharding, (1, 8), process=0)
+
+
+def test_assemble_puts_each_replicas_rows_where_the_sharding_says():
+  devices = np.array(jax.devices())[[3, 0, 6, 1, 5, 2, 7, 4]]
+  mesh = jax.sharding.Mesh(devices.reshape(2, 4), ('replica', 'data'))
+  sharding = NamedSharding(mesh, P('replica', 'data'))
+  feeds = stream_lib.layout(sharding, (2, 8))
+  local = {r: np.arange(8 * 3).reshape(8, 3) + 100 * r for r in (0, 1)}
+  out = stream_lib.assemble(sharding, (2, 8, 3), feeds, local)
+  assert out.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out), np.stack([local[0],
+                                                           local[1]]))
 
 
 # ------------------------------------------------------------------ stream
@@ -198,8 +223,35 @@ def stream_config():
   return c
 
 
+@pytest.fixture
+def in_memory_imagenet(mock_imagenet, monkeypatch):
+  """imagenet2012's metadata from the mock, its examples from memory.
+
+  tfds's mock redirects every file operation of the process into a
+  temporary folder while it loads a split, and the trainer loads one
+  each epoch while orbax writes a checkpoint in the background: that
+  checkpoint would land in the mock's folder. So the examples come from
+  JPEGs made here, their files shuffled by the seed as tfds would.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  encoded = [tf.io.encode_jpeg(rng.integers(
+      0, 256, (rng.integers(12, 40), rng.integers(12, 40), 3), np.uint8)
+                               ).numpy() for _ in range(NUM_EXAMPLES)]
+  labels = rng.integers(0, 1000, NUM_EXAMPLES)
+
+  def load(self, split, shuffle_seed=None):
+    del self, split
+    ds = tf.data.Dataset.from_tensor_slices((encoded, labels))
+    if shuffle_seed is None:
+      return ds
+    files = ds.batch(8)  # six "files" of 8 examples, in a seeded order
+    return files.shuffle(6, seed=shuffle_seed).unbatch()
+  monkeypatch.setattr(stream_lib.TfdsStream, '_load', load)
+
+
 def test_a_streamed_run_stopped_and_resumed_ends_as_uninterrupted(
-    mock_imagenet, tmp_path, monkeypatch):
+    in_memory_imagenet, tmp_path, monkeypatch):
   config = stream_config()
   straight = train.train_and_evaluate(config, tmp_path / 'straight')
   assert (straight['phase1']['steps'], straight['phase2']['steps']) == (6, 6)
@@ -226,14 +278,24 @@ def test_a_streamed_run_stopped_and_resumed_ends_as_uninterrupted(
                               helpers.final_params(tmp_path / 'straight'))
 
 
-def test_dry_run_compiles_the_streamed_step(mock_imagenet):
+def test_dry_run_compiles_the_streamed_step(in_memory_imagenet):
   plan = train.dry_run(stream_config())
   assert plan['phase2']['replicas'] == 2
   assert plan['phase1']['bytes_per_device'] > 0
 
 
-def test_a_stream_without_normalization_constants_is_refused():
+@pytest.mark.parametrize('key,value,match', [
+    ('data.mean', None, 'data.mean'), ('data.std', (0.2,), 'data.std'),
+    ('data.validation_size', 1000, r"train_split='train\[1000:\]'")])
+def test_a_stream_config_that_cannot_work_is_refused(key, value, match):
   c = stream_config()
-  c.data.mean = None
-  with pytest.raises(config_lib.ConfigError, match='data.mean'):
+  section, name = key.split('.')
+  with c[section].ignore_type():
+    c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(c, 8)
+
+
+def test_a_data_set_of_other_than_jpegs_is_refused(mock_imagenet):
+  with pytest.raises(stream_lib.DataError, match='JPEG'):
+    stream_lib.TfdsStream('mnist', image_size=28, data_dir=None)

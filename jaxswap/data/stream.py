@@ -2,8 +2,8 @@
 
 For data sets too large to keep on every device (ImageNet), each process
 reads, decodes and augments its own part of every batch with tf.data, and
-the parts become one global array (`jax.make_array_from_process_local_data`)
-laid out as the step's sharding wants it.
+the parts become one global array laid out as the step's sharding wants
+it (`assemble`, one piece per device).
 
 Which part a process reads follows from that sharding alone (`layout`):
 the processes that hold a replica split that replica's batch rows, and
@@ -11,15 +11,15 @@ each of them reads a disjoint shard of the split (`tfds.even_splits`), so
 no example is read twice for one replica and no host reads what it does
 not feed.
 
-Like the in-memory pipeline, a batch is a pure function of its place: the
-order of an epoch is a seeded shuffle of (seed, phase, replica, epoch) and
-each example's augmentation is seeded by its position in that order. A
-resumed run skips to its step and sees the batches an uninterrupted one
-would have (on the same number of processes).
-"""
+Like the in-memory pipeline, a batch is a pure function of its place: an
+epoch's order is the shard's files in an order seeded by (seed, phase,
+replica, epoch), then a shuffle buffer with the same seed, and each
+example's augmentation is seeded by its position in that order. A resumed
+run skips to its step and sees the batches an uninterrupted one would
+have (on the same number of processes)."""
 
+import collections
 import dataclasses
-import functools
 from typing import Any, Iterator
 
 import jax
@@ -27,75 +27,104 @@ import numpy as np
 
 from jaxswap.data.errors import DataError
 
-SHUFFLE_BUFFER = 10_000     # examples, per process and replica
 CROP_AREA = (0.08, 1.0)     # Inception-style crop: share of the image...
 CROP_ASPECT = (3 / 4, 4 / 3)  # ...and aspect ratios it may take
 EVAL_CROP = 0.875           # centre crop of the evaluation images
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-  """The part of a global (W, B, ...) batch that this process feeds.
+class Feed:
+  """What this process reads for one replica of a global (W, B) batch.
 
   Attributes:
-    replicas: (first, stop) of the replicas whose rows it holds.
-    rows: (first, stop) of the batch rows it gives each of them.
-    shard: which of `num_shards` disjoint shards of the split it reads;
-      the processes sharing its replicas read the others.
-    num_shards: how many processes split each replica's batch.
+    replica: the replica.
+    rows: the ranges of its batch rows that this process's devices hold.
+    shard: which of `num_shards` disjoint shards of the split to read them
+      from; the other processes holding the replica read the others.
+    num_shards: how many processes split the replica's rows.
   """
-  replicas: tuple[int, int]
-  rows: tuple[int, int]
+  replica: int
+  rows: tuple[tuple[int, int], ...]
   shard: int
   num_shards: int
 
   @property
-  def local_shape(self) -> tuple[int, int]:
-    return (self.replicas[1] - self.replicas[0],
-            self.rows[1] - self.rows[0])
+  def size(self) -> int:
+    return sum(stop - start for start, stop in self.rows)
 
 
 def layout(sharding: jax.sharding.Sharding, shape: tuple[int, int],
-           process: int | None = None) -> Layout:
-  """Where `process` (default: this one) sits in a (W, B) global batch.
+           process: int | None = None) -> tuple[Feed, ...]:
+  """What `process` (default: this one) reads for a (W, B) global batch.
+
+  The processes that hold a replica's rows split its batch: each reads
+  the rows its devices hold, from its own shard of the split. A process's
+  rows need not be contiguous (on a TPU slice, `jax.make_mesh` follows the
+  torus, not the hosts).
 
   Args:
     sharding: the sharding of the (W, B, ...) batch.
     shape: (W, B).
     process: a process index, for tests of multi-host layouts.
 
+  Returns:
+    One Feed per replica the process holds a part of, by replica.
+
   Raises:
-    ValueError: a process holds a block that is not a rectangle, or the
-      processes of a replica hold unequal row ranges.
+    ValueError: the processes of a replica hold unequal numbers of rows,
+      or overlapping but different ones.
   """
   process = jax.process_index() if process is None else process
-  blocks = {}  # process -> (replica range, row range)
+  held = collections.defaultdict(set)  # (process, replica) -> row ranges
   for device, index in sharding.devices_indices_map(tuple(shape)).items():
-    r = index[0].indices(shape[0])[:2]
-    b = index[1].indices(shape[1])[:2]
-    blocks.setdefault(device.process_index, []).append((r, b))
+    first, stop = index[0].indices(shape[0])[:2]
+    rows = index[1].indices(shape[1])[:2]
+    for r in range(first, stop):
+      held[device.process_index, r].add(rows)
+  feeds = []
+  for (p, r), rows in sorted(held.items()):
+    if p != process:
+      continue
+    groups = sorted({tuple(sorted(v)) for (_, q), v in held.items()
+                     if q == r})
+    sizes = {sum(b - a for a, b in g) for g in groups}
+    if len(sizes) != 1 or sum(sizes) * len(groups) != shape[1]:
+      raise ValueError(f'the processes holding replica {r} split its '
+                       f'{shape[1]} rows unevenly or overlapping ({groups})')
+    mine = tuple(sorted(rows))
+    feeds.append(Feed(r, mine, groups.index(mine), len(groups)))
+  return tuple(feeds)
 
-  def block(p):
-    parts = set(blocks[p])
-    rs = (min(r[0] for r, _ in parts), max(r[1] for r, _ in parts))
-    bs = (min(b[0] for _, b in parts), max(b[1] for _, b in parts))
-    area = sum((r[1] - r[0]) * (b[1] - b[0]) for r, b in parts)
-    if area != (rs[1] - rs[0]) * (bs[1] - bs[0]):
-      raise ValueError(f'process {p} holds a non-rectangular part of the '
-                       f'batch ({sorted(parts)}); build the mesh with '
-                       'jax.make_mesh so that each host holds a block')
-    return rs, bs
 
-  mine = block(process)
-  sharing = sorted({block(p)[1] for p in blocks
-                    if block(p)[0][0] < mine[0][1]
-                    and mine[0][0] < block(p)[0][1]})
-  sizes = {b[1] - b[0] for b in sharing}
-  if len(sizes) != 1:
-    raise ValueError(f'the processes holding replicas {mine[0]} split their '
-                     f'rows unevenly ({sharing})')
-  return Layout(replicas=mine[0], rows=mine[1],
-                shard=sharing.index(mine[1]), num_shards=len(sharing))
+def assemble(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
+             feeds: tuple[Feed, ...], local: dict[int, np.ndarray]
+             ) -> jax.Array:
+  """The global (W, B, ...) array from this process's rows of each replica.
+
+  Args:
+    sharding: the array's sharding.
+    shape: its global shape.
+    feeds: `layout(sharding, shape[:2])`.
+    local: replica -> (feed.size, ...) rows, in the order of feed.rows.
+  """
+  offsets = {}
+  for f in feeds:
+    at = 0
+    for start, stop in f.rows:
+      offsets[f.replica, start] = at
+      at += stop - start
+  pieces = []
+  for device, index in sharding.addressable_devices_indices_map(
+      tuple(shape)).items():
+    first, stop = index[0].indices(shape[0])[:2]
+    start, end = index[1].indices(shape[1])[:2]
+    piece = np.stack([
+        local[r][offsets[r, start]:offsets[r, start] + end - start]
+        for r in range(first, stop)])
+    pieces.append(jax.device_put(piece[(slice(None), slice(None))
+                                       + tuple(index[2:])], device))
+  return jax.make_array_from_single_device_arrays(tuple(shape), sharding,
+                                                   pieces)
 
 
 def _seed(*parts: int) -> int:
@@ -116,7 +145,8 @@ class TfdsStream:
 
   def __init__(self, name: str, *, image_size: int, data_dir: str | None,
                train_split: str = 'train', eval_split: str = 'validation',
-               seed: int = 0, download: bool = False):
+               seed: int = 0, shuffle_buffer: int = 10_000,
+               download: bool = False):
     # Seconds of TensorFlow import; only this input path needs it.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -126,6 +156,7 @@ class TfdsStream:
     self.image_shape = (image_size, image_size, 3)
     self._data_dir, self._download = data_dir, download
     self._splits = {'train': train_split, 'test': eval_split}
+    self._shuffle_buffer = shuffle_buffer
     self._loaded = {}
     try:
       builder = tfds.builder(name, data_dir=data_dir)
@@ -133,7 +164,15 @@ class TfdsStream:
       raise DataError(f'tensorflow-datasets has no data set {name!r}; use '
                       'one of tfds.list_builders(), such as imagenet2012'
                       ) from e
-    label = builder.info.features['label']
+    features = builder.info.features
+    image = features['image'] if 'image' in features else None
+    label = features['label'] if 'label' in features else None
+    if (label is None or not hasattr(label, 'num_classes')
+        or getattr(image, 'encoding_format', None) != 'jpeg'):
+      raise DataError(
+          f'tfds data set {name!r} has no JPEG `image` and class `label` '
+          f'features ({", ".join(features.keys())}); the streamed path '
+          "decodes JPEGs: use data.source='tfds' for other image sets")
     self.class_names = tuple(getattr(label, 'names', None) or
                              map(str, range(label.num_classes)))
     self.num_train = self._size('train')
@@ -143,13 +182,16 @@ class TfdsStream:
   def num_classes(self) -> int:
     return len(self.class_names)
 
-  def _load(self, split: str):
+  def _load(self, split: str, shuffle_seed: int | None = None):
+    """(encoded image, label) examples; files in a seeded order if given."""
     try:
       return self._tfds.load(
           self.name, split=split, data_dir=self._data_dir,
-          as_supervised=True, shuffle_files=False, download=self._download,
+          as_supervised=True, shuffle_files=shuffle_seed is not None,
+          download=self._download,
           decoders={'image': self._tfds.decode.SkipDecoding()},
-          read_config=self._tfds.ReadConfig(try_autocache=False))
+          read_config=self._tfds.ReadConfig(try_autocache=False,
+                                            shuffle_seed=shuffle_seed))
     except (AssertionError, OSError) as e:
       where = self._data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'
       raise DataError(
@@ -167,16 +209,19 @@ class TfdsStream:
                       'number of examples is unknown')
     return n
 
-  def _shard(self, which: str, shard: int, num_shards: int):
+  def _shard(self, which: str, shard: int, num_shards: int,
+             shuffle_seed: int | None = None):
     """The (encoded image, label) examples of one shard of a split.
 
-    Loaded once: every epoch's pipeline starts from the same dataset.
+    In file order (loaded once), or with the files in a seeded order.
     """
+    split = self._splits[which]
+    if num_shards > 1:
+      split = self._tfds.even_splits(split, num_shards)[shard]
+    if shuffle_seed is not None:
+      return self._load(split, shuffle_seed)
     key = which, shard, num_shards
     if key not in self._loaded:
-      split = self._splits[which]
-      if num_shards > 1:
-        split = self._tfds.even_splits(split, num_shards)[shard]
       self._loaded[key] = self._load(split)
     return self._loaded[key]
 
@@ -217,17 +262,24 @@ class TfdsStream:
 
   # ------------------------------------------------------------- batches
 
-  def _epoch(self, phase: int, replica: int, epoch: int, lay: Layout,
-             steps: int, skip: int):
-    """One replica's rows of `steps` batches of one epoch, from `skip`."""
+  def _epoch(self, phase: int, feed: Feed, epoch: int, steps: int,
+             skip: int):
+    """One replica's rows of `steps` batches of one epoch, from `skip`.
+
+    The order is the shard's files in a seeded order, then a seeded
+    shuffle buffer: different for every replica and epoch, and the same
+    wherever it is rebuilt.
+    """
     tf = self._tf
-    rows = lay.rows[1] - lay.rows[0]
-    seed = _seed(self.seed, phase, replica, epoch, lay.shard)
-    ds = self._shard('train', lay.shard, lay.num_shards)
-    ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
+    rows = feed.size
+    seed = _seed(self.seed, phase, feed.replica, epoch, feed.shard)
+    ds = self._shard('train', feed.shard, feed.num_shards,
+                     shuffle_seed=seed % 2**31)
+    ds = ds.shuffle(self._shuffle_buffer, seed=seed,
+                    reshuffle_each_iteration=False)
     ds = ds.take(steps * rows).skip(skip * rows)
     ds = ds.enumerate(start=skip * rows)
-    base = tf.constant(seed % (2**31), tf.int64)
+    base = tf.constant(seed % 2**31, tf.int64)
 
     def decode(i, example):
       encoded, label = example
@@ -250,20 +302,17 @@ class TfdsStream:
       start: the step to begin at (a resumed run's position).
     """
     tf = self._tf
-    lay = layout(sharding, (replicas, batch_size))
-    image_shape = (replicas, batch_size) + self.image_shape
-    label_shape = (replicas, batch_size)
+    feeds = layout(sharding, (replicas, batch_size))
+    shape = (replicas, batch_size)
     epoch, skip = divmod(start, steps_per_epoch)
     while True:
-      parts = [self._epoch(phase, r, epoch, lay, steps_per_epoch, skip)
-               for r in range(*lay.replicas)]
-      ds = tf.data.Dataset.zip(tuple(parts)).map(
-          lambda *p: (tf.stack([x for x, _ in p]), tf.stack([y for _, y in p])))
-      for images, labels in ds.prefetch(2).as_numpy_iterator():
-        yield (jax.make_array_from_process_local_data(
-                   sharding, images, image_shape),
-               jax.make_array_from_process_local_data(
-                   sharding, labels, label_shape))
+      parts = tuple(self._epoch(phase, f, epoch, steps_per_epoch, skip)
+                    for f in feeds)
+      for batch in tf.data.Dataset.zip(parts).prefetch(2).as_numpy_iterator():
+        yield (assemble(sharding, shape + self.image_shape, feeds,
+                        {f.replica: x for f, (x, _) in zip(feeds, batch)}),
+               assemble(sharding, shape, feeds,
+                        {f.replica: y for f, (_, y) in zip(feeds, batch)}))
       epoch, skip = epoch + 1, 0
 
   def eval_batches(self, which: str, sharding, batch_size: int
@@ -274,38 +323,31 @@ class TfdsStream:
     match); the last ones are padding where its shard ran out.
     """
     tf = self._tf
-    lay = layout(sharding, (1, batch_size))
-    rows = lay.rows[1] - lay.rows[0]
+    (feed,) = layout(sharding, (1, batch_size))
+    rows = feed.size
     total = self.num_train if which == 'train' else self.num_test
-    per_shard = -(-total // lay.num_shards)
-    ds = self._shard(which, lay.shard, lay.num_shards).map(
+    per_shard = -(-total // feed.num_shards)
+    ds = self._shard(which, feed.shard, feed.num_shards).map(
         lambda encoded, label: (self._eval_image(encoded),
                                 tf.cast(label, tf.int32)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     it = ds.batch(rows).prefetch(2).as_numpy_iterator()
-    image_shape = (1, batch_size) + self.image_shape
+    empty = (np.zeros((0,) + self.image_shape, np.uint8),
+             np.zeros((0,), np.int32))
     for _ in range(-(-per_shard // rows)):
-      images, labels = next(it, (np.zeros((0,) + self.image_shape, np.uint8),
-                                 np.zeros((0,), np.int32)))
+      images, labels = next(it, empty)
       pad = rows - len(labels)
       images = np.pad(images, ((0, pad),) + ((0, 0),) * 3)
       labels = np.pad(labels, (0, pad), constant_values=-1)
-      yield (jax.make_array_from_process_local_data(
-                 sharding, images[None], image_shape),
-             jax.make_array_from_process_local_data(
-                 sharding, labels[None], (1, batch_size)))
+      yield (assemble(sharding, (1, batch_size) + self.image_shape, (feed,),
+                      {0: images}),
+             assemble(sharding, (1, batch_size), (feed,), {0: labels}))
 
 
 def from_config(data: Any, seed: int) -> TfdsStream:
   """The stream of a config's `data` block (source 'tfds_stream')."""
-  if data.validation_size:
-    v = data.validation_size
-    train, held = f'{data.train_split}[{v}:]', f'{data.train_split}[:{v}]'
-    raise DataError(
-        f'config.data.validation_size={v}: a streamed data set holds no '
-        f'examples out itself; set data.train_split={train!r} and '
-        f'data.eval_split={held!r} instead, or 0')
   return TfdsStream(data.name, image_size=data.image_size,
                     data_dir=data.tfds_data_dir,
                     train_split=data.train_split,
-                    eval_split=data.eval_split, seed=seed)
+                    eval_split=data.eval_split, seed=seed,
+                    shuffle_buffer=data.shuffle_buffer)
