@@ -21,16 +21,22 @@ from absl import app
 from absl import flags
 import numpy as np
 
-flags.DEFINE_string('config', 'configs/compare_fashion_mnist.py',
-                    'Config file taking the method as its argument.')
-flags.DEFINE_list('methods', ['sgd_small', 'sgd_large', 'swa', 'swap'],
-                  'Methods, as config arguments.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
-flags.DEFINE_string('root', 'runs/compare', 'Folder of the work dirs.')
-flags.DEFINE_float('target', 0.92, 'Test accuracy for time-to-accuracy.')
-flags.DEFINE_multi_string('override', [], 'Extra --config.KEY=VALUE '
-                          'overrides for every run, e.g. phase1.max_epochs=2')
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when run as a script, so that tests can import the table
+  # beside other scripts that also take --config.
+  flags.DEFINE_string('config', 'configs/compare_fashion_mnist.py',
+                      'Config file taking the method as its argument.')
+  flags.DEFINE_list('methods', ['sgd_small', 'sgd_large', 'swa', 'swap'],
+                    'Methods, as config arguments.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+  flags.DEFINE_string('root', 'runs/compare', 'Folder of the work dirs.')
+  flags.DEFINE_float('target', 0.92, 'Test accuracy for time-to-accuracy.')
+  flags.DEFINE_multi_string(
+      'override', [], 'Extra --config.KEY=VALUE overrides for every run, '
+      'e.g. phase1.max_epochs=2')
 
 
 def _run(method: str, seed: str) -> pathlib.Path:
@@ -99,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
