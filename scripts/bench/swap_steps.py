@@ -4,8 +4,9 @@
 synthetic uint8 data set on it, and compiles either the trainer's own step
 (`jaxswap.step.train_step`: gather, crop, flip and normalize on the device,
 then forward, loss, backward and the SGD update) or the same step fed a
-batch that is already on the device (`ready_train_step`), so that the two
-differ by the input pipeline alone.
+batch that is already on the device (`step.train_step_streamed`, the
+streamed input path's step), so that the two differ by the input pipeline
+alone.
 """
 
 import functools
@@ -48,47 +49,6 @@ def sgd(total_steps: int = 1000):
   """The trainer's optimizer: Nesterov momentum 0.9, decay 5e-4 on kernels."""
   schedule = schedules.warmup_then_decay(0.1, 10, total_steps)
   return schedule, step_lib.make_optimizer(schedule, 0.9, True, 5e-4)
-
-
-def ready_train_step(state: step_lib.ReplicaState, images: jax.Array,
-                     labels: jax.Array, *, model, tx, schedule,
-                     cfg: step_lib.StepConfig, mesh=None):
-  """`step.train_step` on (W, B, H, W, C) uint8 batches already made.
-
-  Everything after the pipeline's gather and augmentation is the trainer's:
-  normalization, loss, gradients, update and metrics.
-  """
-  def one(state, images, labels):
-    if mesh is not None:
-      images = jax.lax.with_sharding_constraint(
-          images, NamedSharding(mesh, P('data')))
-    x = pipeline.normalize(images, 0.45, 0.25, cfg.dtype)
-
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, x,
-          train=True, mutable=['batch_stats'])
-      loss = step_lib.cross_entropy(logits, labels, logits.shape[-1],
-                                    cfg.label_smoothing)
-      return loss, (logits, updates['batch_stats'])
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        'loss': loss,
-        'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-        'lr': schedule(state.step),
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
-        'update_norm': optax.global_norm(updates),
-    }
-    return state.replace(params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, step=state.step + 1), metrics
-
-  return step_lib.over_replicas(one, state, images, labels,
-                                unroll=cfg.unroll, mesh=mesh)
 
 
 class PhaseStep:
@@ -141,13 +101,13 @@ class PhaseStep:
     bound = dict(model=model, tx=tx, schedule=schedule, cfg=self.cfg,
                  mesh=self.mesh)
     if ready:
-      fn = functools.partial(ready_train_step, **bound)
-      self.inputs = jax.device_put(
+      fn = functools.partial(step_lib.train_step_streamed, **bound)
+      self.inputs = (*jax.device_put(
           (arrays.train_images[:replicas * batch_size].reshape(
               (replicas, batch_size) + shape),
            arrays.train_labels[:replicas * batch_size].reshape(
-               replicas, batch_size)), rep)
-      in_shardings = (rep, rep, rep)
+               replicas, batch_size)), rep), self.data.mean, self.data.std)
+      in_shardings = (rep, rep, rep, whole, whole)
     else:
       fn = functools.partial(step_lib.train_step, **bound)
       self.inputs = (self.data, self.perm)
