@@ -385,12 +385,9 @@ def recompute_batch_stats(params: PyTree, batch_stats: PyTree,
       images, _ = pipeline.train_batch(
           data, perm, i, cfg.batch_size, jax.random.fold_in(key, i),
           cfg.crop_padding, cfg.flip)
-      images = _constrain(images, mesh, P('data'))
-      x = pipeline.normalize(images, data.mean, data.std, cfg.dtype)
-      _, updates = model0.apply(
-          {'params': params, 'batch_stats': batch_stats}, x, train=True,
-          mutable=['batch_stats'])
-      return jax.tree.map(jnp.add, total, updates['batch_stats']), None
+      stats = _batch_stats_of(model0, params, batch_stats, images,
+                              data.mean, data.std, cfg, mesh)
+      return jax.tree.map(jnp.add, total, stats), None
 
     zeros = jax.tree.map(jnp.zeros_like, batch_stats)
     total, _ = jax.lax.scan(body, zeros, jnp.arange(num_batches))
@@ -411,15 +408,22 @@ def batch_statistics(params: PyTree, batch_stats: PyTree, images: jax.Array,
   model0 = model.clone(bn_momentum=0.0)
 
   def one(params, batch_stats, images, norm):
-    images = _constrain(images, mesh, P('data'))
-    x = pipeline.normalize(images, *norm, cfg.dtype)
-    _, updates = model0.apply(
-        {'params': params, 'batch_stats': batch_stats}, x, train=True,
-        mutable=['batch_stats'])
-    return updates['batch_stats']
+    return _batch_stats_of(model0, params, batch_stats, images, *norm, cfg,
+                           mesh)
 
   return over_replicas(one, params, batch_stats, images, unroll=cfg.unroll,
                        mesh=mesh, shared=(mean, std))
+
+
+def _batch_stats_of(model0, params, batch_stats, images, mean, std, cfg,
+                    mesh):
+  """One replica's BN statistics of one uint8 batch (`model0`: momentum 0)."""
+  images = _constrain(images, mesh, P('data'))
+  x = pipeline.normalize(images, mean, std, cfg.dtype)
+  _, updates = model0.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True,
+      mutable=['batch_stats'])
+  return updates['batch_stats']
 
 
 # XLA:CPU hands convolutions and reductions to YNNPACK, whose convolution
